@@ -1,0 +1,194 @@
+"""The torchvision input path: ImageFolder + PIL decoding in DataLoader workers (the CPU fallback to DALI).
+
+Augmentation randomness is a function of (seed, epoch, sample index) alone: the sampler hands the dataset
+(epoch, index) keys and each sample seeds its own generator. Batches are therefore identical for any number of
+workers or ranks, a 2-rank run sees exactly the samples of a 1-rank run with the same global batch, and a resumed
+epoch can start at any step without replaying the ones before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from fastfit.config import DataConfig
+from fastfit.dist import DistEnv
+
+_SEED_STRIDE = 1_000_003  # keeps (epoch, index) → seed one-to-one for any dataset below a million samples per epoch
+
+
+def check_split_dir(root: Path, split: str) -> Path:
+    from fastfit.data import DataError
+
+    path = root / split
+    if not path.is_dir():
+        raise DataError(f"dataset folder {path} does not exist; data.root must hold {split}/ with one folder per class")
+    if not any(p.is_dir() for p in path.iterdir()):
+        raise DataError(f"dataset folder {path} has no class folders; expected {split}/<class name>/<image files>")
+    return path
+
+
+def train_transform(cfg: DataConfig) -> v2.Transform:
+    steps: list[v2.Transform] = [v2.ToImage()]
+    if cfg.augment == "rrc":
+        steps.append(v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.rrc_scale), ratio=tuple(cfg.rrc_ratio),
+                                          antialias=True))
+    elif cfg.augment == "pad-crop":
+        steps.append(v2.RandomCrop(cfg.image_size, padding=max(1, cfg.image_size // 8)))
+    else:
+        steps += [v2.Resize(cfg.image_size, antialias=True), v2.CenterCrop(cfg.image_size)]
+    if cfg.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
+    return v2.Compose(steps)
+
+
+def val_transform(cfg: DataConfig) -> v2.Transform:
+    steps: list[v2.Transform] = [v2.ToImage()]
+    if cfg.val_resize > 0:
+        steps.append(v2.Resize(cfg.val_resize, antialias=True))
+    steps += [v2.CenterCrop(cfg.image_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
+    return v2.Compose(steps)
+
+
+def balanced_subset(targets: list[int], size: int, seed: int) -> list[int]:
+    """`size` indices taken round-robin over classes, each class in a seeded random order (fixed per seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(target, []).append(index)
+    queues = [[members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+              for _, members in sorted(by_class.items())]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < size and any(depth < len(q) for q in queues):
+        picked += [q[depth] for q in queues if depth < len(q)]
+        depth += 1
+    return sorted(picked[:size])
+
+
+class SeededImageFolder(Dataset):
+    """ImageFolder samples keyed by (epoch, index); the transform draws from a generator seeded by that key."""
+
+    def __init__(self, folder: datasets.ImageFolder, indices: list[int], transform: v2.Transform, seed: int):
+        self.folder, self.indices, self.transform, self.seed = folder, indices, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: tuple[int, int]):
+        from fastfit.data import DataError
+
+        epoch, position = key
+        path, label = self.folder.samples[self.indices[position]]
+        try:
+            image = self.folder.loader(path)
+        except Exception as err:  # PIL raises several types for broken files; name the file either way
+            raise DataError(f"cannot decode image {path}: {err}; remove the file or set data.skip_bad=true") from err
+        # v2 transforms draw from torch's global generator; fork it so seeding here never leaks into the caller.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * _SEED_STRIDE**2 + epoch * _SEED_STRIDE + position)
+            return self.transform(image), label
+
+
+class ShardedSampler(Sampler):
+    """(epoch, index) keys for one rank: a seeded permutation per epoch (train) or the plain order (val),
+    dealt round-robin to ranks. Train drops the tail so every rank runs the same number of full batches."""
+
+    def __init__(self, size: int, env: DistEnv, seed: int, shuffle: bool, batch_size: int | None):
+        self.size, self.env, self.seed, self.shuffle, self.batch_size = size, env, seed, shuffle, batch_size
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def _rank_indices(self) -> list[int]:
+        order = self._order()
+        if self.batch_size is not None:
+            usable = len(order) // (self.batch_size * self.env.world_size) * self.batch_size * self.env.world_size
+            order = order[:usable]
+        mine = order[self.env.rank :: self.env.world_size]
+        if self.batch_size is not None:
+            mine = mine[self.start_step * self.batch_size :]
+        return mine
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(self.epoch, index) for index in self._rank_indices()])
+
+    def __len__(self) -> int:
+        return len(self._rank_indices())
+
+
+class TorchvisionTrainLoader:
+    def __init__(self, dataset: SeededImageFolder, env: DistEnv, batch_size: int, workers: int, seed: int,
+                 channels_last: bool):
+        self.env, self.batch_size, self.channels_last = env, batch_size, channels_last
+        self.sampler = ShardedSampler(len(dataset), env, seed, shuffle=True, batch_size=batch_size)
+        self.steps_per_epoch = len(dataset) // (batch_size * env.world_size)
+        if self.steps_per_epoch == 0:
+            from fastfit.data import DataError
+
+            raise DataError(f"the training set has {len(dataset)} images, fewer than one global batch of "
+                            f"{batch_size * env.world_size}; lower optim.batch_size")
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                 pin_memory=env.device.type == "cuda", drop_last=True,
+                                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        self.sampler.set_epoch(epoch, start_step)
+        for images, labels in self.loader:
+            yield _to_device(images, labels, self.env.device, self.channels_last)
+
+
+class TorchvisionValLoader:
+    def __init__(self, dataset: SeededImageFolder, env: DistEnv, batch_size: int, workers: int, channels_last: bool):
+        self.env, self.channels_last = env, channels_last
+        sampler = ShardedSampler(len(dataset), env, seed=0, shuffle=False, batch_size=None)
+        self.num_samples = len(sampler)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                 pin_memory=env.device.type == "cuda", drop_last=False,
+                                 persistent_workers=workers > 0)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield _to_device(images, labels, self.env.device, self.channels_last)
+
+
+def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool):
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
+def build_torchvision_loaders(cfg: DataConfig, env: DistEnv, root: Path, batch_size: int, seed: int,
+                              channels_last: bool):
+    from fastfit.data import DataError
+
+    train_folder = datasets.ImageFolder(check_split_dir(root, cfg.train_dir))
+    val_folder = datasets.ImageFolder(check_split_dir(root, cfg.val_dir))
+    if train_folder.classes != val_folder.classes:
+        raise DataError(f"{root}: train/ and val/ have different class folders ({len(train_folder.classes)} vs "
+                        f"{len(val_folder.classes)}); they must match so labels mean the same thing")
+    train_idx = list(range(len(train_folder)))
+    if cfg.train_subset:
+        train_idx = balanced_subset(train_folder.targets, cfg.train_subset, seed)
+    val_idx = list(range(len(val_folder)))
+    if cfg.val_subset:
+        val_idx = balanced_subset(val_folder.targets, cfg.val_subset, seed)
+    train = TorchvisionTrainLoader(SeededImageFolder(train_folder, train_idx, train_transform(cfg), seed), env,
+                                   batch_size, cfg.workers, seed, channels_last)
+    val = TorchvisionValLoader(SeededImageFolder(val_folder, val_idx, val_transform(cfg), seed), env,
+                               batch_size, cfg.workers, channels_last)
+    return train, val, train_folder.classes

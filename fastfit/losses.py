@@ -1,0 +1,118 @@
+"""Distillation losses: the reference math (fp32, the oracle for the fused kernels and the CPU path) and the
+modules the trainer uses, which dispatch to fastfit.kernels' fused Triton ops when asked.
+
+Hint losses compare a regressor output y = r(v) with the teacher's hint feature u, per sample flattened:
+  half_sq        ½ Σ (y − u)² / N                  (FitNets paper, per-sample sum, batch mean)
+  normalized_l2  Σ (y/‖y‖ − u/‖u‖)² / N            (MMRazor L2Loss normalize=True; = mean_n 2 − 2 cos(y_n, u_n))
+  mse            Σ (y − u)² / numel                (plain MSE)
+KD compares temperature-softened distributions P^τ = softmax(z/τ), teacher detached, per row:
+  kl             Σ_c P_T^τ (log P_T^τ − log P_S^τ)
+  ce             −Σ_c P_T^τ log P_S^τ              (the paper's H(P_T^τ, P_S^τ))
+reduced by `batchmean` (/N), `mean` (/(N·C), MMRazor) or `sum`, times τ² when tau_squared.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+HINT_KINDS = ("normalized_l2", "half_sq", "mse")
+KD_REDUCTIONS = ("batchmean", "mean", "sum")
+KD_FORMS = ("kl", "ce")
+_NORM_EPS = 1e-12  # an all-zero feature map (possible after ReLU) normalizes to zero instead of NaN
+
+
+def hint_loss_reference(regressed: Tensor, teacher: Tensor, kind: str) -> Tensor:
+    if kind not in HINT_KINDS:
+        raise ValueError(f"expected hint loss kind in {HINT_KINDS}, got {kind!r}")
+    if regressed.shape != teacher.shape:
+        raise ValueError(f"expected the regressor output and teacher feature to match, got {tuple(regressed.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    n = regressed.shape[0]
+    y = regressed.float().reshape(n, -1)
+    u = teacher.detach().float().reshape(n, -1)
+    if kind == "normalized_l2":
+        y = y / y.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+        return (y - u).pow(2).sum() / n
+    if kind == "half_sq":
+        return 0.5 * (y - u).pow(2).sum() / n
+    return (y - u).pow(2).mean()
+
+
+def kd_loss_reference(student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: str = "batchmean",
+                      tau_squared: bool = True, form: str = "kl") -> Tensor:
+    if reduction not in KD_REDUCTIONS:
+        raise ValueError(f"expected KD reduction in {KD_REDUCTIONS}, got {reduction!r}")
+    if form not in KD_FORMS:
+        raise ValueError(f"expected KD form in {KD_FORMS}, got {form!r}")
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(f"expected student and teacher logits of one (N, C) shape, got {tuple(student_logits.shape)} "
+                         f"and {tuple(teacher_logits.shape)}")
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+    p_t = log_p_t.exp()
+    per_element = p_t * (log_p_t - log_p_s) if form == "kl" else -p_t * log_p_s
+    total = per_element.sum()
+    if reduction == "batchmean":
+        total = total / student_logits.shape[0]
+    elif reduction == "mean":
+        total = total / student_logits.numel()
+    return total * temperature**2 if tau_squared else total
+
+
+class KDLoss(nn.Module):
+    """Temperature KD, optionally with the student's cross-entropy on hard labels from the same logits.
+
+    Returns (kd, ce); ce is None without labels. With fused=True both come from one Triton pass over each row.
+    """
+
+    def __init__(self, temperature: float, reduction: str = "batchmean", tau_squared: bool = True, form: str = "kl",
+                 label_smoothing: float = 0.0, fused: bool = False):
+        super().__init__()
+        if reduction not in KD_REDUCTIONS or form not in KD_FORMS:
+            raise ValueError(f"expected reduction in {KD_REDUCTIONS} and form in {KD_FORMS}, got {reduction!r}, {form!r}")
+        self.temperature, self.reduction, self.tau_squared, self.form = temperature, reduction, tau_squared, form
+        self.label_smoothing, self.fused = label_smoothing, fused
+        if fused:
+            from fastfit.kernels import fused_kd_loss  # imported only when asked: it pulls in Triton
+
+            self._fused_kd_loss = fused_kd_loss
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None):
+        if self.fused:
+            return self._fused_kd_loss(student_logits, teacher_logits, labels, self.temperature, self.reduction,
+                                 self.tau_squared, self.form, self.label_smoothing)
+        kd = kd_loss_reference(student_logits, teacher_logits, self.temperature, self.reduction, self.tau_squared,
+                               self.form)
+        ce = None
+        if labels is not None:
+            ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=self.label_smoothing)
+        return kd, ce
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, reduction={self.reduction!r}, tau_squared={self.tau_squared}, "
+                f"form={self.form!r}, fused={self.fused}")
+
+
+class HintLoss(nn.Module):
+    """Connector + hint loss. With fused=True (and a 1×1 connector) the regressor output never reaches memory."""
+
+    def __init__(self, connector: nn.Module, kind: str, fused: bool = False):
+        super().__init__()
+        if kind not in HINT_KINDS:
+            raise ValueError(f"expected hint loss kind in {HINT_KINDS}, got {kind!r}")
+        self.connector, self.kind, self.fused = connector, kind, fused
+        if fused:
+            from fastfit.kernels import fused_connector_hint_loss  # imported only when asked: it pulls in Triton
+
+            self._fused_hint_loss = fused_connector_hint_loss
+
+    def forward(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+        if self.fused:
+            return self._fused_hint_loss(self.connector, student_feature, teacher_feature, self.kind)
+        return hint_loss_reference(self.connector(student_feature), teacher_feature, self.kind)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, fused={self.fused}"

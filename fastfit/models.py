@@ -1,0 +1,85 @@
+"""Teacher and student construction: torchvision classifiers or fastfit's demo models, by name, with optional
+weights given as a torchvision weights name or a local checkpoint path (never downloaded by tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from fastfit.demo_models import DEMO_MODELS
+
+
+class ModelError(ValueError):
+    """A model name, weights reference or weights file is wrong."""
+
+
+def available_models() -> list[str]:
+    return sorted(DEMO_MODELS) + sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _plain_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Accept a bare state_dict, a fastfit checkpoint / exported student, or the common {'state_dict': …} wrappers."""
+    if isinstance(obj, dict):
+        for key in ("student", "model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            # Strip wrappers that DDP and torch.compile put in front of parameter names.
+            return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    raise ModelError(f"{path}: not a state_dict or fastfit checkpoint (found {type(obj).__name__})")
+
+
+def load_weights(model: nn.Module, weights: str, role: str) -> None:
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ModelError(f"{role} weights file {str(path)!r} does not exist; give a checkpoint path "
+                         "or a torchvision weights name such as IMAGENET1K_V1")
+    state = _plain_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"{role} weights {path} do not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} (is model.{role} / model.num_classes right?)")
+
+
+def _looks_like_path(weights: str) -> bool:
+    return any(sep in weights for sep in ("/", "\\")) or weights.endswith((".pt", ".pth", ".ckpt", ".bin"))
+
+
+def build_model(name: str, num_classes: int, weights: str = "", kwargs: dict[str, Any] | None = None,
+                role: str = "student") -> nn.Module:
+    """A classifier by name. `weights`: '' (random init), a checkpoint path, or a torchvision weights name."""
+    kwargs = dict(kwargs or {})
+    if name in DEMO_MODELS:
+        model = DEMO_MODELS[name](num_classes=num_classes, **kwargs)
+        if weights:
+            if not _looks_like_path(weights) and not Path(weights).exists():
+                raise ModelError(f"{role} {name!r} is a fastfit demo model: its weights must be a checkpoint path, got {weights!r}")
+            load_weights(model, weights, role)
+        return model
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        raise ModelError(f"unknown model.{role} {name!r}; choose a torchvision classifier or a demo model, e.g. "
+                         f"{', '.join(available_models()[:12])}, … ({len(available_models())} in all)") from None
+    if weights and not _looks_like_path(weights) and not Path(weights).exists():
+        # A torchvision weights name: 'IMAGENET1K_V2' or 'ResNet50_Weights.IMAGENET1K_V2'. This downloads.
+        try:
+            enum = torchvision.models.get_model_weights(name)
+            member = enum[weights.split(".")[-1]]
+        except (KeyError, ValueError):
+            names = [w.name for w in torchvision.models.get_model_weights(name)]
+            raise ModelError(f"model.{role}_weights {weights!r} is neither a file nor a torchvision weights name for "
+                             f"{name}; valid names: {', '.join(names)}") from None
+        classes = len(member.meta["categories"])
+        if classes != num_classes:
+            raise ModelError(f"{name} weights {member.name} have {classes} classes but model.num_classes is {num_classes}")
+        return builder(weights=member, **kwargs)
+    model = builder(weights=None, num_classes=num_classes, **kwargs)
+    if weights:
+        load_weights(model, weights, role)
+    return model

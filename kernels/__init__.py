@@ -1,0 +1,16 @@
+"""fastfit.kernels: fused Triton losses for FitNets distillation (installed as `fastfit.kernels`).
+
+- kd_loss.py    temperature-softmax KD (+ the student's cross-entropy) in one streaming pass per logits row;
+                the student-logits gradient is produced in the forward pass, so backward is a scale.
+- hint_loss.py  1×1 regressor GEMM + BatchNorm + ReLU + hint loss, the regressor output never written to memory.
+
+Both are torch.library custom ops (fake + autograd registered), so torch.compile(fullgraph=True) traces them.
+This package imports nothing from fastfit's training side; fastfit.losses is the dispatch point that picks the
+reference math or these ops. On a machine without CUDA they run through Triton's interpreter
+(TRITON_INTERPRET=1, set before import), which is how CI tests them.
+"""
+
+from .hint_loss import fused_connector_hint_loss, fused_hint_loss, supports_connector
+from .kd_loss import fused_kd_loss
+
+__all__ = ["fused_kd_loss", "fused_hint_loss", "fused_connector_hint_loss", "supports_connector"]

@@ -1,0 +1,32 @@
+"""Kernel microbenchmarks: eager PyTorch vs torch.compile of the reference vs the fused Triton op, forward and
+forward+backward, for every case in fastfit.kernel_bench (kd, hint). Prints a table and writes JSON.
+
+    python scripts/bench_kernels.py                       # all ops, default shapes (needs CUDA)
+    python scripts/bench_kernels.py --ops kd --quick      # small shapes; also runs on CPU via TRITON_INTERPRET=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastfit.kernel_bench import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="+", default=["kd", "hint"], choices=["kd", "hint"])
+    parser.add_argument("--providers", nargs="+", default=["eager", "compile", "fused"])
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
+    parser.add_argument("--quick", action="store_true", help="small shapes and few iterations (CPU smoke runs)")
+    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--json", default="docs/results/bench_kernels.json", help="where to write the results")
+    args = parser.parse_args(argv)
+    run(ops=args.ops, providers=args.providers, modes=args.modes, quick=args.quick, iters=args.iters,
+        warmup=args.warmup, json_path=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
