@@ -15,11 +15,12 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
+from fastfit.errors import FastfitError
 
 Auto = Literal["auto"]
 
 
-class ConfigError(ValueError):
+class ConfigError(FastfitError):
     """A config file, key or value is wrong; the message names it and what is allowed."""
 
 
@@ -330,3 +331,42 @@ def resolve_config_path(path: str | Path) -> Path:
             return shipped
     available = sorted(p.stem for p in shipped_configs_dir().glob("*.toml"))
     raise ConfigError(f"config file {str(path)!r} not found; give a path or one of the shipped configs: {', '.join(available)}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as a TOML file that load_config reads back to an equal Config."""
+    lines = ["# Resolved fastfit config (defaults, recipe preset, file and overrides applied)."]
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        lines.append(f"\n[{name}]")
+        for key, value in values.items():
+            if value is None or (isinstance(value, dict) and key in ("kd",)):
+                continue
+            if isinstance(value, list) and value and isinstance(value[0], dict):
+                continue
+            lines.append(f"{key} = {_toml_value(value)}")
+
+    tree = cfg.to_dict()
+    for section in ("model", "optim", "data", "run"):
+        table(section, tree[section])
+    table("recipe", tree["recipe"])
+    if tree["recipe"]["kd"] is not None:
+        table("recipe.kd", tree["recipe"]["kd"])
+    for hint in tree["recipe"]["hints"]:
+        lines.append("\n[[recipe.hints]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in hint.items() if v is not None]
+    return "\n".join(lines) + "\n"

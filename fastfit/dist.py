@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fastfit.errors import FastfitError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -37,13 +39,13 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer (torchrun sets it), got {raw!r}") from None
+        raise FastfitError(f"environment variable {name} must be an integer (torchrun sets it), got {raw!r}") from None
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("run.device = 'cuda' but no CUDA device is visible; use run.device=cpu or auto")
+            raise FastfitError("run.device = 'cuda' but no CUDA device is visible; use run.device=cpu or auto")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 

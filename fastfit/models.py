@@ -3,6 +3,7 @@ weights given as a torchvision weights name or a local checkpoint path (never do
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,10 @@ import torchvision
 from torch import nn
 
 from fastfit.demo_models import DEMO_MODELS
+from fastfit.errors import FastfitError
 
 
-class ModelError(ValueError):
+class ModelError(FastfitError):
     """A model name, weights reference or weights file is wrong."""
 
 
@@ -40,10 +42,15 @@ def load_weights(model: nn.Module, weights: str, role: str) -> None:
         raise ModelError(f"{role} weights file {str(path)!r} does not exist; give a checkpoint path "
                          "or a torchvision weights name such as IMAGENET1K_V1")
     state = _plain_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ModelError(f"{role} weights {path} do not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]} (is model.{role} / model.num_classes right?)")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(state[k].shape)}→{tuple(v.shape)}" for k, v in expected.items()
+                if k in state and state[k].shape != v.shape]
+    if missing or unexpected or reshaped:
+        raise ModelError(f"{role} weights {path} do not match the model: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}, shape changes {reshaped[:5]} (are model.{role} and model.num_classes right?)")
+    model.load_state_dict(state)
 
 
 def _looks_like_path(weights: str) -> bool:
@@ -64,8 +71,11 @@ def build_model(name: str, num_classes: int, weights: str = "", kwargs: dict[str
     try:
         builder = torchvision.models.get_model_builder(name)
     except ValueError:
-        raise ModelError(f"unknown model.{role} {name!r}; choose a torchvision classifier or a demo model, e.g. "
-                         f"{', '.join(available_models()[:12])}, … ({len(available_models())} in all)") from None
+        close = difflib.get_close_matches(name, available_models(), n=5, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ModelError(f"unknown model.{role} {name!r}; {hint}choose a torchvision classifier "
+                         f"(torchvision.models.list_models(), {len(available_models()) - len(DEMO_MODELS)} of them) "
+                         f"or a demo model ({', '.join(sorted(DEMO_MODELS))})") from None
     if weights and not _looks_like_path(weights) and not Path(weights).exists():
         # A torchvision weights name: 'IMAGENET1K_V2' or 'ResNet50_Weights.IMAGENET1K_V2'. This downloads.
         try:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from fastfit.errors import FastfitError
 
 LOGITS = "logits"
 
 
-class TapError(ValueError):
+class TapError(FastfitError):
     """A tap path does not exist, or the tapped shapes cannot be connected."""
 
 

@@ -19,9 +19,10 @@ import torch
 
 from fastfit.config import DataConfig
 from fastfit.dist import DistEnv
+from fastfit.errors import FastfitError
 
 
-class DataError(ValueError):
+class DataError(FastfitError):
     """A dataset folder, file or data setting is wrong; the message names it and the fix."""
 
 

@@ -1,0 +1,122 @@
+"""The `fastfit` command: demo, train, eval, export, config, data. Thin: parse, load the config, call the package.
+
+Bad input ends with one line naming the problem and the fix (exit code 2), not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fastfit.config import load_config, shipped_configs_dir, to_toml
+from fastfit.errors import FastfitError
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", "-c", required=required,
+                        help="a TOML file or the name of a shipped config (fastfit config list)")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="dotted overrides applied after the file, e.g. optim.lr=0.05 data.root=/data/imagenet")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fastfit.engine import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fastfit.demo import run_demo
+
+    run_demo(out=args.out, budget=args.budget, device=args.device, extra=args.overrides, progress=not args.no_progress)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fastfit.evaluate import evaluate_weights
+
+    cfg = load_config(args.config, args.overrides)
+    for role, metrics in evaluate_weights(cfg, args.weights).items():
+        print(f"{role}: top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  ({metrics['val_samples']} images)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fastfit.checkpoint import atomic_save, load_checkpoint
+
+    state = load_checkpoint(args.checkpoint)
+    atomic_save(state["student"], args.output)
+    print(f"wrote the student's plain state_dict ({state['config']['model']['student']}) to {args.output}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for path in sorted(shipped_configs_dir().glob("*.toml")):
+            print(path.stem)
+        return 0
+    print(to_toml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastfit", description="FitNets knowledge distillation, fast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="teacher, student alone and FitNet on Fashion-MNIST, with a report")
+    demo.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
+    demo.add_argument("--budget", choices=["auto", "cpu", "full"], default="auto",
+                      help="auto: full settings on a GPU, a 10-minute budget on CPU")
+    demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    demo.add_argument("overrides", nargs="*", metavar="key.path=value", help="applied to all three runs")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="train with a config (also under torchrun)")
+    _add_config_args(train)
+    train.add_argument("--resume", default=None,
+                       help="'auto' (newest checkpoint in run.output_dir, if any), a checkpoint file or a run folder")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="top-1/top-5 of a student (and the configured teacher) on the val set")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--weights", default=None, help="student weights: a checkpoint or exported state_dict")
+    evaluate.set_defaults(func=cmd_eval)
+
+    export = sub.add_parser("export", help="write a checkpoint's student as a plain torchvision state_dict")
+    export.add_argument("checkpoint")
+    export.add_argument("output")
+    export.set_defaults(func=cmd_export)
+
+    config = sub.add_parser("config", help="list shipped configs or print a resolved one")
+    config.add_argument("action", choices=["list", "show"])
+    _add_config_args(config, required=False)
+    config.set_defaults(func=cmd_config)
+
+    from fastfit.data.commands import add_data_commands
+
+    add_data_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FastfitError as err:
+        print(f"fastfit {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """scripts/train.py: `fastfit train` without the subcommand word (torchrun-friendly)."""
+    return main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

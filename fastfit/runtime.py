@@ -1,0 +1,87 @@
+"""Resolving the run's speed switches ("auto" → what the device supports) and building the optimizer.
+
+One AMP path: autocast with the configured dtype (bf16 default on CUDA) and GradScaler enabled only for fp16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastfit.config import Config, ConfigError, OptimConfig
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    compile: bool
+    fused_kernels: bool
+    fused_optimizer: bool
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def fp16(self) -> bool:
+        return self.amp_dtype == torch.float16
+
+
+def _auto(value, default: bool) -> bool:
+    return default if value == "auto" else bool(value)
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Fused kernels run on CUDA, or on CPU through Triton's interpreter (tests)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_runtime(cfg: Config, device: torch.device) -> Runtime:
+    cuda = device.type == "cuda"
+    amp = cfg.run.amp
+    if amp == "auto":
+        amp = "bf16" if cuda else "off"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    fused_kernels = _auto(cfg.run.fused_kernels, cuda and triton_usable(device))
+    if fused_kernels and not triton_usable(device):
+        raise ConfigError("run.fused_kernels = true needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+                           "set run.fused_kernels=auto")
+    return Runtime(device=device, amp_dtype=amp_dtype, channels_last=_auto(cfg.run.channels_last, cuda),
+                   compile=_auto(cfg.run.compile, cuda), fused_kernels=fused_kernels,
+                   fused_optimizer=_auto(cfg.optim.fused, cuda) and cuda)
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and conv kernels (rank ≥ 2) only; never on biases or norm parameters."""
+    seen: set[int] = set()
+    decay, no_decay = [], []
+    for _, param in named:
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(named: Iterable[tuple[str, nn.Parameter]], optim: OptimConfig, runtime: Runtime):
+    groups = param_groups(named, optim.weight_decay)
+    if runtime.fused_optimizer:
+        try:
+            from apex.optimizers import FusedSGD  # optional: a source build of NVIDIA apex
+
+            return FusedSGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
+                            set_grad_none=True)
+        except ImportError:
+            return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=True)
+    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
