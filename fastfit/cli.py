@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fastfit.config import load_config, shipped_configs_dir, to_toml
+from fastfit.config import ConfigError, load_config, shipped_configs_dir, to_toml
 from fastfit.errors import FastfitError
 
 EXIT_BAD_INPUT = 2
@@ -60,6 +60,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         for path in sorted(shipped_configs_dir().glob("*.toml")):
             print(path.stem)
         return 0
+    if args.config is None:
+        raise ConfigError("fastfit config show needs a config: a TOML file or a name from `fastfit config list`")
     print(to_toml(load_config(args.config, args.overrides)), end="")
     return 0
 
@@ -95,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="list shipped configs or print a resolved one")
     config.add_argument("action", choices=["list", "show"])
-    _add_config_args(config, required=False)
+    config.add_argument("config", nargs="?", help="show: a TOML file or shipped config name")
+    config.add_argument("overrides", nargs="*", metavar="key.path=value")
     config.set_defaults(func=cmd_config)
 
     from fastfit.data.commands import add_data_commands
