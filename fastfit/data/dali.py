@@ -36,9 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from torchvision import datasets
+
 from fastfit.config import DataConfig
-from fastfit.data.torchvision import (BadFileLog, ShardedSampler, bad_file_message, balanced_subset, check_start_step,
-                                      load_image_folders)
+from fastfit.data.torchvision import (BadFileLog, ShardedSampler, bad_file_message, balanced_subset, check_split_dir,
+                                      check_start_step, load_image_folders)
 from fastfit.dist import DistEnv
 
 _DECODE_CHECK_WORKERS = 16
@@ -123,18 +125,23 @@ class _DaliLoader(BadFileLog):
             os.unlink(file_list)
         return pipe
 
-    def _to_torch(self, outputs, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_torch(self, outputs, count: int, zero_copy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Torch views of a DALI batch, as DALIGenericIterator makes them. DALI's dynamic executor (the default)
+        keeps an output's memory alive while anything references it and DLPack orders torch's stream after
+        DALI's: zero copy. The static executor recycles its buffers, so there each batch is copied out."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         device = self.env.device if self.spec.gpu else torch.device("cpu")
-        stream = torch.cuda.current_stream(device) if self.spec.gpu else None
         tensors = []
-        for output, dtype in zip(outputs, (torch.float16 if self.spec.gpu else torch.float32, torch.int64)):
+        for output in outputs:
             dense = output.as_tensor()
-            # A fresh tensor per batch (from torch's caching allocator): DALI reuses its buffers, the step may
-            # still be reading this batch when the next one is produced.
-            tensor = torch.empty(dense.shape(), dtype=dtype, device=device)
-            feed_ndarray(dense, tensor, cuda_stream=stream)
+            if zero_copy:
+                with device:
+                    tensor = torch.from_dlpack(dense)
+            else:
+                dtype = (torch.float16 if self.spec.gpu else torch.float32) if len(tensors) == 0 else torch.int64
+                tensor = torch.empty(dense.shape(), dtype=dtype, device=device)
+                feed_ndarray(dense, tensor, cuda_stream=torch.cuda.current_stream(device) if self.spec.gpu else None)
             tensors.append(tensor[:count])
         images, labels = tensors
         if self.spec.channels_last:
@@ -150,9 +157,10 @@ class _DaliLoader(BadFileLog):
         named = {p: dali_reason(err) for p in dict.fromkeys(positions) if self.samples[p][0] in message}
         if named:
             return named
-        B = self.batch_size
-        for window in (positions[batch * B : (batch + 1) * B], positions[batch * B : (batch + 1 + self.spec.prefetch) * B]):
-            window = list(dict.fromkeys(window))
+        start, size = batch * self.batch_size, self.batch_size
+        # The failing batch first; then the batches DALI was already preparing, in case the error surfaced late.
+        for end in (start + size, start + (1 + self.spec.prefetch) * size):
+            window = list(dict.fromkeys(positions[start:end]))
             reasons = check_files([self.samples[p][0] for p in window], decode=True, workers=_DECODE_CHECK_WORKERS)
             found = {p: r for p, r in zip(window, reasons) if r is not None}
             if not found:  # decodable by PIL: try DALI's own CPU decoder on each (rare; one tiny pipeline per file)
@@ -246,7 +254,7 @@ class DaliTrainLoader(_DaliLoader):
                     except RuntimeError as err:
                         self._handle_failure(err, positions, step - first)
                         break  # rebuild from `step` with the bad file substituted
-                    yield self._to_torch(outputs, self.batch_size)
+                    yield self._to_torch(outputs, self.batch_size, pipe.exec_dynamic)
                     step += 1
             finally:
                 del pipe
@@ -285,7 +293,7 @@ class DaliValLoader(_DaliLoader):
                         self.num_samples = len(self._mine) - len(self._bad_positions)  # only this rank's files
                         break  # rebuild from `done` without the dropped files
                     count = min(self.batch_size, len(positions) - batch * self.batch_size)
-                    yield self._to_torch(outputs, count)
+                    yield self._to_torch(outputs, count, pipe.exec_dynamic)
                     done += count
                 else:
                     return
@@ -298,8 +306,9 @@ def _pipeline_spec(cfg: DataConfig, env: DistEnv, channels_last: bool):
 
     gpu = env.device.type == "cuda" and torch.cuda.is_available()
     device_id = (env.device.index if env.device.index is not None else env.local_rank) if gpu else None
-    return PipelineSpec(gpu=gpu, device_id=device_id, threads=cfg.dali_threads, hw_decoder_load=cfg.dali_hw_decoder_load,
-                        image_size=cfg.image_size, mean=tuple(cfg.mean), std=tuple(cfg.std), channels_last=channels_last)
+    return PipelineSpec(gpu=gpu, device_id=device_id, threads=cfg.dali_threads,
+                        hw_decoder_load=cfg.dali_hw_decoder_load, image_size=cfg.image_size, mean=tuple(cfg.mean),
+                        std=tuple(cfg.std), channels_last=channels_last)
 
 
 def scan_bad_files(paths: list[str], env: DistEnv) -> dict[str, str]:
@@ -310,7 +319,10 @@ def scan_bad_files(paths: list[str], env: DistEnv) -> dict[str, str]:
     paths = sorted(set(paths))
     distributed = env.distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
     share = paths[env.rank :: env.world_size] if distributed else paths
-    found = {p: r for p, r in zip(share, check_files(share)) if r is not None}
+    # The ranks on this machine share its cores.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    found = {p: r for p, r in zip(share, check_files(share, workers=workers)) if r is not None}
     if distributed:
         gathered: list = [None] * env.world_size
         torch.distributed.all_gather_object(gathered, found)
@@ -318,8 +330,16 @@ def scan_bad_files(paths: list[str], env: DistEnv) -> dict[str, str]:
     return found
 
 
-def _subset(samples: list[tuple[str, int]], size: int, seed: int) -> list[tuple[str, int]]:
-    return [samples[i] for i in balanced_subset([label for _, label in samples], size, seed)] if size else samples
+def _split_samples(root: Path, split_dir: str, file_list, subset: int, seed: int):
+    """(samples, class names or None) of one split: its file list if given, else its ImageFolder; then the subset."""
+    if file_list is not None:
+        samples, classes = read_file_list(file_list, root), None
+    else:
+        folder = datasets.ImageFolder(check_split_dir(root, split_dir))
+        samples, classes = folder.samples, folder.classes
+    if subset:
+        samples = [samples[i] for i in balanced_subset([label for _, label in samples], subset, seed)]
+    return samples, classes
 
 
 def build_dali_loaders(cfg: DataConfig, env: DistEnv, root: Path, batch_size: int, seed: int, channels_last: bool,
@@ -334,23 +354,18 @@ def build_dali_loaders(cfg: DataConfig, env: DistEnv, root: Path, batch_size: in
     if cfg.augment not in ("rrc", "pad-crop", "none"):
         raise _data_error(f"data.augment={cfg.augment!r} is not supported by the DALI backend (rrc, pad-crop, none); "
                           "use data.backend=torchvision")
-    classes: list[str] | None = None
-    if train_list is None or val_list is None:
+    if train_list is None and val_list is None:  # the common case, listed exactly as the torchvision backend does
         train_folder, train_idx, val_folder, val_idx = load_image_folders(cfg, root, seed)
+        train, val = [train_folder.samples[i] for i in train_idx], [val_folder.samples[i] for i in val_idx]
         classes = train_folder.classes
-    if train_list is None:
-        train = [train_folder.samples[i] for i in train_idx]
     else:
-        train = _subset(read_file_list(train_list, root), cfg.train_subset, seed)
-    if val_list is None:
-        val = [val_folder.samples[i] for i in val_idx]
-    else:
-        val = _subset(read_file_list(val_list, root), cfg.val_subset, seed)
-    if classes is None:
-        classes = [str(i) for i in range(1 + max(label for _, label in train + val))]
-    elif max(label for _, label in train + val) >= len(classes):
-        raise _data_error(f"a file list has label {max(label for _, label in train + val)} but {root} has only "
-                          f"{len(classes)} class folders; labels must index the sorted class folders")
+        train, train_classes = _split_samples(root, cfg.train_dir, train_list, cfg.train_subset, seed)
+        val, val_classes = _split_samples(root, cfg.val_dir, val_list, cfg.val_subset, seed)
+        top = max(label for _, label in train + val)
+        classes = train_classes or val_classes or [str(i) for i in range(top + 1)]
+        if top >= len(classes):
+            raise _data_error(f"a file list has label {top} but {root} has only {len(classes)} class folders; "
+                              "labels must index the sorted class folders")
     bad = scan_bad_files([p for p, _ in train + val], env)
     if bad and not cfg.skip_bad:
         path, reason = next(iter(bad.items()))
