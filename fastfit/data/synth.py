@@ -26,6 +26,7 @@ SHAPES = [((500, 375), 0.70), ((375, 500), 0.15), ((500, 333), 0.15)]  # (width,
 QUALITY = 90
 _GRAIN = 12.0  # σ of the per-pixel grain in 8-bit levels; sets the file size (12 → ≈80 KB at 500×375, q 90)
 _SPLITS = {"train": 0, "val": 1}
+_POOL_MIN = 64  # images; fewer are written in-process (starting a pool costs more)
 
 
 @dataclass
@@ -98,7 +99,7 @@ def write_synthetic_imagenet(root: str | os.PathLike, n_train: int, n_classes: i
             jobs += [(folder / f"{split}_{index:08d}.JPEG", seed, split, label, index, n_classes, quality)
                      for index in range(count)]
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    if workers <= 1 or len(jobs) < 64:
+    if workers <= 1 or len(jobs) < _POOL_MIN:
         sizes = [_write_one(job) for job in jobs]
     else:
         # fork: workers start at once with numpy and PIL loaded (spawn would re-import fastfit and torch in each)
