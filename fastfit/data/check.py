@@ -121,7 +121,8 @@ def dataset_layout(root: Path) -> dict[str, Path]:
         raise DataError(f"dataset folder {root} does not exist; give a folder with class folders or train/ and val/")
     subdirs = _class_dirs(root)
     if not subdirs:
-        raise DataError(f"dataset folder {root} has no subfolders; expected <class>/<images> or <split>/<class>/<images>")
+        raise DataError(f"dataset folder {root} has no subfolders; expected <class>/<images> or "
+                        "<split>/<class>/<images>")
     # A split folder holds class folders; a class folder holds images. Decide on all subfolders together.
     if all(any(child.is_dir() for child in d.iterdir()) for d in subdirs):
         return {d.name: d for d in subdirs}

@@ -42,7 +42,7 @@ def add_data_commands(subparsers) -> None:
     check.add_argument("--workers", type=_positive, default=None, help="parallel workers (default: CPU count)")
     check.set_defaults(func=run_check)
 
-    synth = sub.add_parser("synth", help="write ImageNet-like synthetic JPEGs (≈500×375, ≈80 KB) in train/ and val/")
+    synth = sub.add_parser("synth", help="write ImageNet-like JPEGs (≈500×375, ≈80 KB) in train/ and val/")
     synth.add_argument("dir", help="output folder (train/ and val/ are created inside)")
     synth.add_argument("--n", type=_non_negative, required=True, help="number of training images")
     synth.add_argument("--classes", type=_positive, default=10, help="number of classes (default 10)")
