@@ -183,7 +183,7 @@ class _DaliLoader(BadFileLog):
 
 
 def _zero_copy(pipe) -> bool:
-    return bool(getattr(pipe, "exec_dynamic", False))  # DALI >= 1.40 has it (the default executor since 2.0)
+    return bool(getattr(pipe, "exec_dynamic", False))  # absent in DALI releases that only had the static executor
 
 
 def _dali_decode_problem(path: str) -> str | None:
