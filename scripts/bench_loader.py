@@ -122,7 +122,8 @@ def dataset(args) -> Path:
     from fastfit.data.synth import write_synthetic_imagenet
 
     folder = Path(tempfile.mkdtemp(prefix="fastfit-synth-"))
-    summary = write_synthetic_imagenet(folder, n_train=args.synth, n_classes=args.classes, n_val=0)
+    # Loaders list val/ too: one image per class is enough there.
+    summary = write_synthetic_imagenet(folder, n_train=args.synth, n_classes=args.classes, n_val=args.classes)
     print(f"synthetic set: {summary.train_files} JPEGs, {summary.mean_kb:.0f} KB each, in {folder}")
     return folder
 

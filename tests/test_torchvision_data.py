@@ -143,6 +143,12 @@ def test_bad_start_step_and_too_small_a_train_set_are_named(constant_root):
         build_torchvision_loaders(_cfg(constant_root), _env(0, 2), constant_root, 9, seed=1, channels_last=False)
 
 
+def test_a_class_folder_without_images_is_named(constant_root):
+    (constant_root / "val" / "d").mkdir()
+    with pytest.raises(DataError, match=f"dataset folder {constant_root / 'val'}: .*every class folder needs"):
+        build_torchvision_loaders(_cfg(constant_root), _env(), constant_root, 4, seed=1, channels_last=False)
+
+
 def test_bad_file_is_named_or_skipped_and_counted(constant_root):
     bad_train = constant_root / "train" / "b" / "002_bad.png"   # sorts between b/002.png and b/003.png
     bad_train.write_bytes(b"this is not a png\n" * 20)

@@ -37,11 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torchvision import datasets
-
 from fastfit.config import DataConfig
-from fastfit.data.torchvision import (BadFileLog, ShardedSampler, bad_file_message, balanced_subset, check_split_dir,
-                                      check_start_step, load_image_folders)
+from fastfit.data.torchvision import (BadFileLog, ShardedSampler, bad_file_message, balanced_subset, check_start_step,
+                                      image_folder, load_image_folders)
 from fastfit.dist import DistEnv
 
 _DECODE_CHECK_WORKERS = 16
@@ -340,7 +338,7 @@ def _split_samples(root: Path, split_dir: str, file_list, subset: int, seed: int
     if file_list is not None:
         samples, classes = read_file_list(file_list, root), None
     else:
-        folder = datasets.ImageFolder(check_split_dir(root, split_dir))
+        folder = image_folder(root, split_dir)
         samples, classes = folder.samples, folder.classes
     if subset:
         samples = [samples[i] for i in balanced_subset([label for _, label in samples], subset, seed)]

@@ -80,13 +80,22 @@ def balanced_subset(targets: list[int], size: int, seed: int) -> list[int]:
     return sorted(picked[:size])
 
 
+def image_folder(root: Path, split: str) -> datasets.ImageFolder:
+    from fastfit.data import DataError
+
+    path = check_split_dir(root, split)
+    try:
+        return datasets.ImageFolder(path)
+    except FileNotFoundError as err:  # a class folder without images
+        raise DataError(f"dataset folder {path}: {err}; every class folder needs at least one image") from err
+
+
 def load_image_folders(cfg: DataConfig, root: Path, seed: int):
     """(train folder, train indices, val folder, val indices): the ImageFolder listings and the configured subsets.
     Both backends list samples here, so class indices and subsets are identical whichever decodes them."""
     from fastfit.data import DataError
 
-    train_folder = datasets.ImageFolder(check_split_dir(root, cfg.train_dir))
-    val_folder = datasets.ImageFolder(check_split_dir(root, cfg.val_dir))
+    train_folder, val_folder = image_folder(root, cfg.train_dir), image_folder(root, cfg.val_dir)
     if train_folder.classes != val_folder.classes:
         raise DataError(f"{root}: train/ and val/ have different class folders ({len(train_folder.classes)} vs "
                         f"{len(val_folder.classes)}); they must match so labels mean the same thing")
