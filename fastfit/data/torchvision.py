@@ -26,7 +26,7 @@ from fastfit.config import DataConfig
 from fastfit.dist import DistEnv
 
 _SEED_STRIDE = 1_000_003  # keeps (epoch, index) → seed one-to-one for any dataset below a million samples per epoch
-MAX_SUBSTITUTES = 16      # consecutive undecodable files tolerated before skip_bad gives up (a broken folder, not a few files)
+MAX_SUBSTITUTES = 16      # consecutive undecodable files before skip_bad gives up: a broken folder, not a few files
 _log = logging.getLogger("fastfit.data")
 
 
