@@ -14,8 +14,9 @@ generators cannot be fast-forwarded without decoding the skipped batches). Equal
 Cost of exactness: one pipeline per epoch. Building it writes the file list (≈0.45 s per million files) and
 parses it in DALI (≈0.15 s per million), timed on the 2-core development machine: for ImageNet on one GPU
 ≈0.6 s per ≈150 s epoch, on 8 GPUs ≈0.08 s per rank. (Passing the list as `files=` instead costs ≈2.2 s per
-million in DALI's argument handling.) DALI's own sharding (`shard_id`/`num_shards`, `shuffle_after_epoch`) would avoid that but deals contiguous
-blocks, cannot start mid-epoch, and would not match the torchvision backend's order.
+million in DALI's argument handling.) DALI's own sharding (`shard_id`/`num_shards`, `shuffle_after_epoch`)
+would avoid the rebuild but deals contiguous blocks, cannot start mid-epoch, and would not match the torchvision
+backend's order. Each epoch's first batch also waits for a fresh pipeline to fill its prefetch queue.
 
 Bad files. DALI 2.4's decoder can crash the process (SIGSEGV, no message) on a non-image or header-corrupt
 file in a batch of 32 or more, so no such file may reach it: at build time every file of both splits gets the
