@@ -111,9 +111,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for gpu_check_dali.json")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--root", help="dataset folder holding train/ and val/ class folders")
-    source.add_argument("--synth", type=int, default=8192,
-                        help="else: write this many synthetic train JPEGs (32 steps of 256 per epoch: the per-epoch "
-                             "pipeline build stays a small share of each timed window)")
+    source.add_argument("--synth", type=int, default=None,
+                        help="else: write this many synthetic train JPEGs; default 8192 (32 steps of 256 per epoch: "
+                             "the per-epoch pipeline build stays a small share of each timed window), 64 with --dry")
     p.add_argument("--dry", action="store_true", help="no GPU: run every code path with the 'cpu' pipeline")
     p.add_argument("--dali-parts", default=None, help="pack-dali.sh's folder, unpacked if DALI is not installed")
     p.add_argument("--batch", type=int, default=None, help="default 256 (4 with --dry)")
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         from fastfit.data.synth import write_synthetic_imagenet
 
         root = Path(args.out) / "synth"
-        write_synthetic_imagenet(root, n_train=args.synth, n_classes=16, n_val=max(16, args.synth // 16))
+        count = args.synth or (64 if args.dry else 8192)
+        write_synthetic_imagenet(root, n_train=count, n_classes=16, n_val=max(16, count // 16))
     cfg = DataConfig(root=str(root), image_size=size, val_resize=val_resize, dali_threads=8, workers=0)
     report = {"dry": args.dry, "root": str(root), "batch": batch, "image_size": size, "val_resize": val_resize}
     report["val_parity"] = val_parity(cfg, root, batch, gpu)
