@@ -1,0 +1,410 @@
+"""The DALI input path on the CPU ('cpu' decoder, device_id=None): the loader contract, torchvision parity,
+sharding, determinism, colour handling and bad files. The GPU ('mixed') path: scripts/gpu_check_dali.py."""
+
+import io
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install fastfit[dali])")
+
+from fastfit.config import DataConfig  # noqa: E402
+from fastfit.data import DataError  # noqa: E402
+from fastfit.data.dali import build_dali_loaders, dali_reason, read_file_list, require_dali  # noqa: E402
+from fastfit.data.torchvision import ShardedSampler, build_torchvision_loaders  # noqa: E402
+from fastfit.dist import DistEnv  # noqa: E402
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+SKLEARN_IMAGES = Path(__import__("sklearn.datasets").datasets.__file__).parent / "images"
+
+
+def _env(rank: int = 0, world: int = 1) -> DistEnv:
+    return DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+
+
+def _cfg(root: Path, **overrides) -> DataConfig:
+    base = dict(root=str(root), image_size=8, val_resize=0, augment="rrc", mean=MEAN, std=STD, workers=0,
+                dali_threads=2)
+    return DataConfig(**{**base, **overrides})
+
+
+def _identity_colour(k: int) -> tuple[int, int, int]:
+    return (8 + 6 * (k % 40), 8 + 6 * (k // 40), 128)
+
+
+def _identities(images: torch.Tensor) -> list[int]:
+    """The k of each constant image, read back from its centre pixel after normalization."""
+    centre = images[:, :, images.shape[2] // 2, images.shape[3] // 2].double()
+    raw = (centre * torch.tensor(STD, dtype=torch.float64) + torch.tensor(MEAN, dtype=torch.float64)) * 255
+    return [int(round((r - 8) / 6)) + 40 * int(round((g - 8) / 6)) for r, g, _ in raw.tolist()]
+
+
+def _constant_split(root: Path, split: str, counts: dict[str, int]) -> dict[str, int]:
+    """Constant-colour PNGs (colour = identity k, in ImageFolder listing order) of assorted sizes; path → k."""
+    paths, k = {}, 0
+    for name in sorted(counts):
+        (root / split / name).mkdir(parents=True)
+        for i in range(counts[name]):
+            path = root / split / name / f"{i:03d}.png"
+            Image.fromarray(np.full((12 + i % 5, 14 + i % 3, 3), _identity_colour(k), np.uint8)).save(path)
+            paths[str(path)] = k
+            k += 1
+    return paths
+
+
+@pytest.fixture
+def constant_root(tmp_path):
+    # Class folder names whose sorted order differs from creation and numeric order: "10" < "9" < "B" < "a".
+    root = tmp_path / "constant"
+    _constant_split(root, "train", {"a": 5, "9": 4, "B": 6, "10": 6})   # 21 training images
+    _constant_split(root, "val", {"a": 3, "9": 3, "B": 2, "10": 3})     # 11 val images: odd
+    return root
+
+
+@pytest.fixture
+def photo_root(tmp_path):
+    """The two real photos of scikit-learn (427×640 JPEGs), one class each, in both splits."""
+    root = tmp_path / "photos"
+    for split in ("train", "val"):
+        for name in ("china", "flower"):
+            (root / split / name).mkdir(parents=True)
+            shutil.copy(SKLEARN_IMAGES / f"{name}.jpg", root / split / name / f"{name}.jpg")
+    return root
+
+
+@pytest.mark.parametrize("augment", ["rrc", "pad-crop", "none"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_batches_have_the_contract_shape_dtype_and_layout(constant_root, augment, channels_last):
+    train, val, classes = build_dali_loaders(_cfg(constant_root, augment=augment), _env(), constant_root,
+                                             batch_size=4, seed=0, channels_last=channels_last)
+    assert classes == ["10", "9", "B", "a"] and train.steps_per_epoch == 5 and train.batch_size == 4
+    batches = list(train.epoch(0))
+    assert len(batches) == 5
+    for images, labels in batches + list(val):
+        assert images.shape[1:] == (3, 8, 8) and images.dtype == torch.float32 and images.device.type == "cpu"
+        assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert labels.dtype == torch.int64 and labels.shape == images.shape[:1]
+    # Constant images stay constant through any crop, resize and flip: identities survive augmentation.
+    seen = [k for images, _ in batches for k in _identities(images)]
+    assert len(set(seen)) == 20 and set(seen) <= set(range(21))
+
+
+def test_copy_and_zero_copy_outputs_agree_and_outlive_the_pipeline(constant_root):
+    train, _, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0,
+                                     channels_last=True)
+    kept = list(train.epoch(0))                   # zero-copy views of DALI's buffers (dynamic executor)
+    snapshot = [(x.clone(), y.clone()) for x, y in kept]
+    for _ in train.epoch(1):                      # more pipelines built, run and destroyed meanwhile
+        pass
+    assert all(torch.equal(x, a) and torch.equal(y, b) for (x, y), (a, b) in zip(kept, snapshot))
+    pipe = train._build(train._pipeline(seed=11), list(range(8)))
+    outputs = pipe.run()
+    copied, viewed = train._to_torch(outputs, 3, zero_copy=False), train._to_torch(outputs, 3, zero_copy=True)
+    assert all(torch.equal(a, b) for a, b in zip(copied, viewed)) and copied[0].shape == (3, 3, 8, 8)
+
+
+def test_normalization_matches_a_hand_computed_pixel(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split / "c").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((30, 40, 3), (200, 100, 50), np.uint8)).save(tmp_path / split / "c" / f"{i}.png")
+    expected = torch.tensor([(200 / 255 - 0.5) / 0.2, (100 / 255 - 0.4) / 0.25, (50 / 255 - 0.3) / 0.3])
+    for augment in ("rrc", "pad-crop", "none"):
+        train, val, _ = build_dali_loaders(_cfg(tmp_path, augment=augment, image_size=16, val_resize=20), _env(),
+                                           tmp_path, batch_size=2, seed=0, channels_last=True)
+        (images, _), = list(train.epoch(0))
+        (val_images, _), = list(val)
+        centre = images[:, :, 4:12, 4:12]  # pad-crop may show up to 2 padded pixels at an edge
+        assert torch.allclose(centre, expected.view(1, 3, 1, 1).expand_as(centre), atol=1e-5), augment
+        assert torch.allclose(val_images, expected.view(1, 3, 1, 1).expand_as(val_images), atol=1e-5)
+
+
+def test_pad_crop_shifts_by_at_most_the_padding_and_fills_black(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split / "c").mkdir(parents=True)
+        for i in range(16):
+            Image.fromarray(np.full((16, 16, 3), 255, np.uint8)).save(tmp_path / split / "c" / f"{i}.png")
+    train, _, _ = build_dali_loaders(_cfg(tmp_path, augment="pad-crop", image_size=16, hflip=False), _env(),
+                                     tmp_path, batch_size=16, seed=0, channels_last=False)
+    (images, _), = list(train.epoch(0))
+    white = (images[:, 0] > 0).int()           # raw 255 → positive; padding (raw 0) → (0 − 0.5) / 0.2 < 0
+    black = (1.0 - 0.5) / 0.2
+    assert torch.allclose(images[:, 0][white == 1], torch.tensor(black))
+    rows, cols = white.sum(2).amax(1), white.sum(1).amax(1)
+    assert rows.min() >= 14 and cols.min() >= 14          # padding 16 // 8 = 2: at most 2 rows/columns lost
+    assert (rows < 16).any() and (cols < 16).any()        # and the shift does happen
+
+
+def test_labels_and_classes_match_torchvision_image_folder(constant_root):
+    from torchvision.datasets import ImageFolder
+
+    for split in ("train", "val"):
+        reference = ImageFolder(constant_root / split)
+        _, val, classes = build_dali_loaders(_cfg(constant_root, val_dir=split), _env(), constant_root,
+                                             batch_size=3, seed=0, channels_last=True)
+        assert classes == reference.classes
+        got = [(k, label) for images, labels in val for k, label in zip(_identities(images), labels.tolist())]
+        assert got == [(k, target) for k, target in enumerate(reference.targets)]
+
+
+def test_val_two_ranks_cover_an_odd_set_exactly_once(constant_root):
+    parts = []
+    for rank in range(2):
+        _, val, _ = build_dali_loaders(_cfg(constant_root), _env(rank, 2), constant_root, batch_size=4, seed=0,
+                                       channels_last=True)
+        seen = [k for images, _ in val for k in _identities(images)]
+        assert len(seen) == val.num_samples
+        parts.append(seen)
+    assert [len(p) for p in parts] == [6, 5]
+    assert sorted(parts[0] + parts[1]) == list(range(11))
+
+
+def test_train_sharding_matches_torchvision_and_one_rank_global_batches(constant_root):
+    # 21 images, 2 ranks × batch 4: 2 steps, 16 samples per epoch, the tail dropped.
+    one, _, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=8, seed=3,
+                                   channels_last=True)
+    for epoch in (0, 1):
+        global_batches = [_identities(images) for images, _ in one.epoch(epoch)]
+        ranks = []
+        for rank in range(2):
+            train, _, _ = build_dali_loaders(_cfg(constant_root), _env(rank, 2), constant_root, batch_size=4, seed=3,
+                                             channels_last=True)
+            assert train.steps_per_epoch == 2
+            ranks.append([_identities(images) for images, _ in train.epoch(epoch)])
+            sampler = ShardedSampler(21, _env(rank, 2), seed=3, shuffle=True, batch_size=4)
+            sampler.set_epoch(epoch)
+            assert sum(ranks[-1], []) == [i for _, i in sampler]   # the torchvision backend's order, exactly
+        assert set(sum(ranks[0], [])).isdisjoint(sum(ranks[1], []))
+        for step in range(2):
+            assert sorted(ranks[0][step] + ranks[1][step]) == sorted(global_batches[step])
+            assert ranks[0][step] == global_batches[step][0::2] and ranks[1][step] == global_batches[step][1::2]
+    assert [_identities(x) for x, _ in one.epoch(0)] != [_identities(x) for x, _ in one.epoch(1)]
+
+
+def test_epochs_are_deterministic_and_resume_keeps_the_order(photo_root, constant_root):
+    cfg = _cfg(photo_root, image_size=32)
+    train, _, _ = build_dali_loaders(cfg, _env(), photo_root, batch_size=2, seed=5, channels_last=True)
+    (first, _), = list(train.epoch(1))
+    (second, _), = list(train.epoch(1))
+    assert torch.equal(first, second)                            # same epoch number, same pixels
+    (other, _), = list(train.epoch(2))
+    assert not torch.equal(first, other)                         # another epoch, other crops
+    again, _, _ = build_dali_loaders(cfg, _env(), photo_root, batch_size=2, seed=5, channels_last=True)
+    assert torch.equal(next(again.epoch(1))[0], first)           # a fresh loader replays it too
+    # Mid-epoch resume: the remaining batches hold exactly the samples of the uninterrupted epoch.
+    train, _, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=2,
+                                     channels_last=True)
+    full = [(_identities(x), y.tolist()) for x, y in train.epoch(4)]
+    assert [(_identities(x), y.tolist()) for x, y in train.epoch(4, start_step=3)] == full[3:]
+    assert list(train.epoch(4, start_step=5)) == []
+    with pytest.raises(DataError, match=r"start_step must be in \[0, 5\] \(steps per epoch\), got -1"):
+        next(train.epoch(4, start_step=-1))
+
+
+def test_val_matches_torchvision_on_real_photos(photo_root):
+    for val_resize, size in ((0, 224), (256, 224), (64, 56), (300, 299)):
+        cfg = _cfg(photo_root, image_size=size, val_resize=val_resize)
+        _, dali_val, _ = build_dali_loaders(cfg, _env(), photo_root, batch_size=2, seed=0, channels_last=True)
+        _, tv_val, _ = build_torchvision_loaders(cfg, _env(), photo_root, batch_size=2, seed=0, channels_last=True)
+        (a, la), = list(dali_val)
+        (b, lb), = list(tv_val)
+        assert torch.equal(la, lb)
+        # Same output size and crop offset as torchvision; the resampling filters differ by ≤ 1 grey level here.
+        assert (a - b).abs().max() <= 1.01 / 255 / min(STD), (val_resize, size, (a - b).abs().max())
+
+
+def test_train_without_augmentation_matches_torchvision(photo_root):
+    cfg = _cfg(photo_root, image_size=64, augment="none", hflip=False)
+    dali_train, _, _ = build_dali_loaders(cfg, _env(), photo_root, batch_size=2, seed=0, channels_last=False)
+    tv_train, _, _ = build_torchvision_loaders(cfg, _env(), photo_root, batch_size=2, seed=0, channels_last=False)
+    (a, la), = list(dali_train.epoch(0))
+    (b, lb), = list(tv_train.epoch(0))
+    assert torch.equal(la, lb)
+    # The short side is resized edge to edge here: the filters treat the outermost pixels differently, so the
+    # interior is held to 1 grey level and the whole image to a small mean difference.
+    inner = (a - b)[..., 2:-2, 2:-2].abs().max()
+    assert inner <= 1.01 / 255 / min(STD) and (a - b).abs().mean() < 0.01, (inner, (a - b).abs().mean())
+
+
+def _encoded(pixels: np.ndarray, mode: str, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def test_grey_cmyk_palette_and_alpha_images_decode_to_rgb_like_pil(tmp_path):
+    y, x = np.mgrid[0:16, 0:16]
+    pixels = np.stack([x * 15, y * 15, (x + y) * 7], -1).astype(np.uint8)
+    cases = {"grey.jpg": ("L", "JPEG"), "cmyk.jpg": ("CMYK", "JPEG"), "rgb.jpg": ("RGB", "JPEG"),
+             "rgb.png": ("RGB", "PNG"), "grey.png": ("L", "PNG"), "rgba.png": ("RGBA", "PNG"), "pal.png": ("P", "PNG")}
+    for split in ("train", "val"):
+        for name, (mode, fmt) in cases.items():
+            (tmp_path / split / name.replace(".", "_")).mkdir(parents=True)
+            (tmp_path / split / name.replace(".", "_") / name).write_bytes(_encoded(pixels, mode, fmt))
+    _, val, classes = build_dali_loaders(_cfg(tmp_path, image_size=16), _env(), tmp_path, batch_size=len(cases),
+                                         seed=0, channels_last=True)
+    (images, labels), = list(val)
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    for image, label in zip(images, labels.tolist()):
+        path = next((tmp_path / "val" / classes[label]).iterdir())
+        reference = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1) / 255
+        assert (image - (reference - mean) / std).abs().max() < 1e-5, path.name
+
+
+def test_file_list_form(constant_root, tmp_path):
+    listing = tmp_path / "train.txt"
+    files = sorted((constant_root / "train").rglob("*.png"))
+    rows = [f"{p.relative_to(constant_root)} {i % 3}" for i, p in enumerate(files)]
+    listing.write_text("# path label\n" + "\n".join(rows) + "\n\n")
+    val_listing = tmp_path / "val.txt"
+    val_listing.write_text("".join(f"{p} 4\n" for p in sorted((constant_root / "val").rglob("*.png"))[:3]))
+    assert read_file_list(listing, constant_root)[0] == (str(files[0]), 0)
+    train, val, classes = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0,
+                                             channels_last=True, train_list=listing, val_list=val_listing)
+    assert classes == ["0", "1", "2", "3", "4"] and train.steps_per_epoch == 5
+    for images, labels in train.epoch(0):
+        assert [k % 3 for k in _identities(images)] == labels.tolist()   # identity k is listing position here
+    assert [labels.tolist() for _, labels in val] == [[4, 4, 4]]
+    # A list for one split, the folder for the other: class names come from the folders.
+    train, val, classes = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0,
+                                             channels_last=True, train_list=listing)
+    assert classes == ["10", "9", "B", "a"] and val.num_samples == 11
+    with pytest.raises(DataError, match="a file list has label 4 but .* has only 4 class folders"):
+        build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0, channels_last=True,
+                           val_list=val_listing)
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a/000.png 1\na/001.png one\n")
+    with pytest.raises(DataError, match=r"bad.txt line 2: expected 'relative/path label' .*got 'a/001.png one'"):
+        read_file_list(bad, constant_root)
+    with pytest.raises(DataError, match="file list .*missing.txt does not exist"):
+        read_file_list(tmp_path / "missing.txt", constant_root)
+
+
+def test_missing_dali_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(DataError, match=r"needs NVIDIA DALI, which is not installed: pip install fastfit\[dali\] "
+                                        r"\(nvidia-dali-cuda130\), or set data.backend=torchvision"):
+        require_dali()
+
+
+def test_too_small_a_train_set_is_named(constant_root):
+    with pytest.raises(DataError, match="the training set has 21 images, fewer than one global batch of 22"):
+        build_dali_loaders(_cfg(constant_root), _env(0, 2), constant_root, batch_size=11, seed=0, channels_last=True)
+
+
+BAD_FILES = {"empty": b"", "text": b"not an image at all\n" * 40, "truncated": None}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_bad_file_stops_the_build_naming_it(constant_root, kind):
+    bad = constant_root / "train" / "B" / "002_bad.jpg"
+    bad.write_bytes(BAD_FILES[kind] if BAD_FILES[kind] is not None
+                    else (SKLEARN_IMAGES / "china.jpg").read_bytes()[:20_000])
+    with pytest.raises(DataError, match=f"cannot decode image {bad}: .*; remove the file or set data.skip_bad=true"):
+        build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0, channels_last=True)
+
+
+def test_skip_bad_substitutes_train_and_drops_val_like_torchvision(constant_root):
+    bad_train = constant_root / "train" / "B" / "002_bad.png"   # listed between B/002.png and B/003.png
+    bad_train.write_bytes(b"not a png\n" * 30)
+    bad_val = constant_root / "val" / "9" / "000_bad.png"
+    bad_val.write_bytes(b"")
+    cfg = _cfg(constant_root, skip_bad=True)
+    train, val, _ = build_dali_loaders(cfg, _env(), constant_root, batch_size=4, seed=1, channels_last=True)
+    tv_train, tv_val, _ = build_torchvision_loaders(cfg, _env(), constant_root, batch_size=4, seed=1,
+                                                    channels_last=True)
+    assert train.bad_files == [str(bad_train)] and val.bad_files == [str(bad_val)]
+    for epoch in range(3):
+        dali_ids = [_identities(x) for x, _ in train.epoch(epoch)]
+        assert dali_ids == [_identities(x) for x, _ in tv_train.epoch(epoch)]
+    assert sorted(k for x, _ in val for k in _identities(x)) == list(range(11)) and val.num_samples == 11
+    assert sorted(k for x, _ in tv_val for k in _identities(x)) == list(range(11))
+
+
+def test_decode_failure_at_run_time_is_named_or_skipped(constant_root, monkeypatch):
+    # A file that passes the header check but fails to decode (here: the check is bypassed; a truncated JPEG is
+    # one DALI reports cleanly). The loader must name it, or skip it and go on from the failing batch.
+    bad = constant_root / "val" / "B" / "000_cut.jpg"
+    bad.write_bytes((SKLEARN_IMAGES / "china.jpg").read_bytes()[:20_000])
+    monkeypatch.setattr("fastfit.data.dali.scan_bad_files", lambda paths, env: {})
+    _, val, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0,
+                                   channels_last=True)
+    with pytest.raises(DataError, match=f"cannot decode image {bad}: "):
+        list(val)
+    _, val, _ = build_dali_loaders(_cfg(constant_root, skip_bad=True), _env(), constant_root, batch_size=4, seed=0,
+                                   channels_last=True)
+    assert val.num_samples == 12
+    seen = [k for x, _ in val for k in _identities(x)]
+    assert sorted(seen) == list(range(11)) and val.bad_files == [str(bad)] and val.num_samples == 11
+
+
+def test_train_decode_failure_at_run_time_substitutes_like_torchvision(constant_root, monkeypatch):
+    # Full decode ("none"): a random-resized-crop ROI decode may stop before the missing part and not notice.
+    bad = constant_root / "train" / "B" / "002_cut.jpg"   # listed between B/002.png and B/003.png
+    bad.write_bytes((SKLEARN_IMAGES / "china.jpg").read_bytes()[:20_000])
+    monkeypatch.setattr("fastfit.data.dali.scan_bad_files", lambda paths, env: {})
+    # 22 files in batches of 2: every file is in every epoch (no tail dropped).
+    train, _, _ = build_dali_loaders(_cfg(constant_root, augment="none"), _env(), constant_root, batch_size=2,
+                                     seed=1, channels_last=True)
+    with pytest.raises(DataError, match=f"cannot decode image {bad}: "):
+        list(train.epoch(0))
+    cfg = _cfg(constant_root, skip_bad=True, augment="none")
+    train, _, _ = build_dali_loaders(cfg, _env(), constant_root, batch_size=2, seed=1, channels_last=True)
+    tv_train, _, _ = build_torchvision_loaders(cfg, _env(), constant_root, batch_size=2, seed=1, channels_last=True)
+    for epoch in range(2):
+        assert [_identities(x) for x, _ in train.epoch(epoch)] == [_identities(x) for x, _ in tv_train.epoch(epoch)]
+    assert train.bad_files == tv_train.bad_files == [str(bad)]
+
+
+def test_failing_batch_is_searched_on_the_host_when_dali_does_not_name_the_file(constant_root):
+    train, _, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0,
+                                     channels_last=True)
+    broken = train.samples[6][0]
+    Path(broken).write_bytes(b"")
+    found = train._find_bad(RuntimeError("nvImageCodec failure: '#4'"), list(range(21)), batch=1)
+    assert found == {6: "empty file (0 bytes)"}
+
+
+def test_dali_reason_is_the_line_after_encountered():
+    message = ("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\nwhich was used "
+               "...:\n  File \"x.py\", line 3\n\nencountered:\n\nFailed to decode sample #5 : /d/a.jpg\n"
+               "Current pipeline object is no longer valid.")
+    assert dali_reason(RuntimeError(message)) == "Failed to decode sample #5 : /d/a.jpg"
+    assert dali_reason(RuntimeError("plain")) == "plain"
+
+
+def test_scripts_run_on_the_cpu(tmp_path, constant_root):
+    """bench_loader.py and gpu_check_dali.py --dry exercise their code paths on the cpu backends."""
+    import json
+    import runpy
+
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    argv = sys.argv
+    try:
+        sys.argv = ["bench_loader.py", "--root", str(constant_root), "--batch", "4", "--image-size", "8",
+                    "--warmup", "1", "--steps", "7", "--threads", "1,2", "--workers", "0",
+                    "--out", str(tmp_path / "bench.json")]
+        runpy.run_path(str(scripts / "bench_loader.py"), run_name="__main__")
+        bench = json.loads((tmp_path / "bench.json").read_text())
+        providers = [(r["backend"], r["threads"], r["workers"]) for r in bench["results"]]
+        assert providers == [("dali-cpu", 1, None), ("dali-cpu", 2, None), ("torchvision", None, 0)]
+        # 7 timed steps after 1 warm-up run past the 5-step epoch into the next one
+        assert all(r["img_per_s"] > 0 and r["images"] == 28 for r in bench["results"])
+
+        sys.argv = ["gpu_check_dali.py", "--dry", "--root", str(constant_root), "--out", str(tmp_path / "gpu"),
+                    "--threads", "2", "--warmup", "1", "--steps", "2"]
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(scripts / "gpu_check_dali.py"), run_name="__main__")
+        assert exit_info.value.code == 0
+        check = json.loads((tmp_path / "gpu" / "gpu_check_dali.json").read_text())
+        assert check["dry"] is True and check["val_parity"]["max_abs_diff"] == 0.0
+        assert check["val_parity"]["samples"] == 11 and check["train_contract"]["ok"] is True
+        assert check["throughput"] and all(r["img_per_s"] > 0 for r in check["throughput"])
+    finally:
+        sys.argv = argv
