@@ -86,6 +86,8 @@ class DataConfig:
     root: str = ""                     # folder holding train/ and val/ class folders ("" for fashion-mnist: cache)
     train_dir: str = "train"
     val_dir: str = "val"
+    train_list: str = ""               # DALI only: a text file of "relative/path label" lines instead of train_dir
+    val_list: str = ""
     backend: Literal["torchvision", "dali", "auto"] = "torchvision"
     image_size: int = 224
     val_resize: int = 256              # shorter side before the center crop; 0 = no resize

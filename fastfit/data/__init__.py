@@ -79,8 +79,12 @@ def build_loaders(cfg: DataConfig, env: DistEnv, batch_size: int, seed: int, cha
         from fastfit.data.dali import build_dali_loaders
 
         train, val, classes = build_dali_loaders(cfg, env, root, batch_size=batch_size, seed=seed,
-                                                   channels_last=channels_last)
+                                                   channels_last=channels_last, train_list=cfg.train_list or None,
+                                                   val_list=cfg.val_list or None)
     else:
+        if cfg.train_list or cfg.val_list:
+            raise DataError("data.train_list / data.val_list are read by the DALI backend only; set data.backend=dali "
+                            "(pip install 'fastfit[dali]') or use the folder layout (train/<class>/…)")
         from fastfit.data.torchvision import build_torchvision_loaders
 
         train, val, classes = build_torchvision_loaders(cfg, env, root, batch_size=batch_size, seed=seed,
