@@ -408,3 +408,18 @@ def test_scripts_run_on_the_cpu(tmp_path, constant_root):
         assert check["throughput"] and all(r["img_per_s"] > 0 for r in check["throughput"])
     finally:
         sys.argv = argv
+
+
+def test_config_file_lists_reach_dali_and_torchvision_refuses_them(constant_root, tmp_path):
+    from fastfit.data import build_loaders
+
+    listing = tmp_path / "train.txt"
+    listing.write_text("".join(f"{p.relative_to(constant_root)} {i % 2}\n"
+                               for i, p in enumerate(sorted((constant_root / "train").rglob("*.png")))))
+    bundle = build_loaders(_cfg(constant_root, backend="dali", train_list=str(listing)), _env(), batch_size=4, seed=0,
+                           channels_last=True)
+    assert bundle.backend == "dali" and bundle.train.steps_per_epoch == 5
+    assert {label for _, labels in bundle.train.epoch(0) for label in labels.tolist()} == {0, 1}
+    with pytest.raises(DataError, match=r"data.train_list / data.val_list are read by the DALI backend only"):
+        build_loaders(_cfg(constant_root, backend="torchvision", train_list=str(listing)), _env(), batch_size=4,
+                      seed=0, channels_last=True)
