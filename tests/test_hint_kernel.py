@@ -384,3 +384,21 @@ def test_autocast_does_not_reach_the_op_internals():
         results.append((loss, x.grad, c[0].weight.grad, c[1].running_var))
     for plain, autocast in zip(*results):
         torch.testing.assert_close(autocast, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_only_the_inputs_that_need_gradients_get_them(train):
+    # Frozen student feature and BatchNorm affine: only the conv weight and bias learn (the backward skips dX, dγ, dβ).
+    connector = MMRazorConnector(5, 11)
+    connector[0].bias = nn.Parameter(torch.randn(11) * 0.1)
+    connector[1].weight.requires_grad_(False)
+    connector[1].bias.requires_grad_(False)
+    fused_conn, plain_conn = copy.deepcopy(connector).train(train), copy.deepcopy(connector).train(train)
+    s = torch.randn(2, 5, 3, 3).to(memory_format=torch.channels_last)
+    t = torch.randn(2, 11, 3, 3)
+    fused_connector_hint_loss(fused_conn, s, t, "normalized_l2").backward()
+    HintLoss(plain_conn, "normalized_l2")(s, t).backward()
+    assert fused_conn[1].weight.grad is None and fused_conn[1].bias.grad is None
+    torch.testing.assert_close(fused_conn[0].weight.grad, plain_conn[0].weight.grad, rtol=1e-4, atol=1e-7)
+    scale = float(plain_conn[0].weight.grad.abs().max())
+    torch.testing.assert_close(fused_conn[0].bias.grad, plain_conn[0].bias.grad, rtol=1e-4, atol=1e-6 * scale)
