@@ -28,10 +28,13 @@ MAX_PARTIAL_ELEMENTS = 1 << 24           # 64 MiB of fp32 partial sums at most f
 
 
 def _gemm_configs() -> list[triton.Config]:
+    # 8 warps for the 128×128 16-bit tiles (4 warps spill their epilogues, per ptxas for sm_90); the 4-warp config
+    # serves the 64×64 fp32 tiles. Configs that overflow shared memory are skipped by the autotuner.
     return [
         triton.Config({"BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=5),
         triton.Config({"BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=5),
     ]
 
 
@@ -71,6 +74,13 @@ def split_rows(m: int, tiles: int, block_rows: int, partial_elements_per_split: 
     return triton.cdiv(triton.cdiv(m, splits), block_rows) * block_rows
 
 
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """True when some element offset reaches 2³¹. Below that, int32 offsets are exact and much cheaper: int64
+    address math on 128×128 tiles spills registers on sm_90 (checked with ptxas), so it is used only when needed."""
+    reach = max(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) for t in tensors)
+    return reach >= 2**31 - 1
+
+
 def check_runnable(tensor: torch.Tensor, name: str) -> None:
     if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and INTERPRET):
         return
@@ -80,7 +90,7 @@ def check_runnable(tensor: torch.Tensor, name: str) -> None:
 
 @triton.jit
 def row_offsets(rows, HW, W, stride_n, stride_h, stride_w):
-    """Element offsets of feature-map rows m = (n·H + h)·W + w (int64 rows in, int64 offsets out)."""
+    """Element offsets of feature-map rows m = (n·H + h)·W + w (offsets in the rows' integer type)."""
     n = rows // HW
     p = rows - n * HW
     h = p // W
@@ -96,4 +106,13 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
-    return pid_m.to(tl.int64), pid_n.to(tl.int64)
+    return pid_m, pid_n
+
+
+@triton.jit
+def widen(x, INDEX_64: tl.constexpr):
+    """Index type for offsets: int64 only when a tensor of the launch spans 2³¹ elements (see needs_int64)."""
+    if INDEX_64:
+        return x.to(tl.int64)
+    else:
+        return x

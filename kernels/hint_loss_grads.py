@@ -16,28 +16,29 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .hint_loss_common import (INTERPRET, dot_precision, fixed_meta, grouped_tile, row_offsets, split_rows, tile_for,
-                               tuned)
+from .hint_loss_common import (INTERPRET, dot_precision, fixed_meta, grouped_tile, needs_int64, row_offsets, split_rows,
+                               tile_for, tuned, widen)
 
 
 @triton.jit
 def _hint_dx_kernel(d_ptr, wa_ptr, s_ptr, mean_ptr, g1_ptr, g0_ptr, ds_ptr, M, CS, CT, HW, W,
                     s_sn, s_sc, s_sh, s_sw, o_sn, o_sc, o_sh, o_sw,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    BATCH_STATS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                    BATCH_STATS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
     # dX tile (BLOCK_M rows, BLOCK_N student channels). Reads BLOCK_M×Ct of D, Ct×BLOCK_N of Wa (+ BLOCK_M×Cs of X,
     # Cs×BLOCK_N of G1 with batch statistics); writes BLOCK_M×BLOCK_N of dS in the student's layout.
     # Whole op: 2·M·Ct·Cs FLOPs (+ 2·M·Cs² with batch statistics); D read Cs/BLOCK_N times (L2), dS written once.
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(CS, BLOCK_N)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
+    pid_m, pid_n = widen(pid_m, INDEX_64), widen(pid_n, INDEX_64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_ok, cols_ok = rows < M, cols < CS
     op_ty = tl.float32 if DOT_F32 else d_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c0 in range(0, CT, BLOCK_K):
-        cs = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        cs = widen(c0 + tl.arange(0, BLOCK_K), INDEX_64)
         c_ok = cs < CT
         d = tl.load(d_ptr + rows[:, None] * CT + cs[None, :], mask=rows_ok[:, None] & c_ok[None, :], other=0.0)
         wa = tl.load(wa_ptr + cs[:, None] * CS + cols[None, :], mask=c_ok[:, None] & cols_ok[None, :], other=0.0)
@@ -45,7 +46,7 @@ def _hint_dx_kernel(d_ptr, wa_ptr, s_ptr, mean_ptr, g1_ptr, g0_ptr, ds_ptr, M, C
     if BATCH_STATS:
         s_rows = row_offsets(rows, HW, W, s_sn, s_sh, s_sw)
         for j0 in range(0, CS, BLOCK_K):
-            js = j0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            js = widen(j0 + tl.arange(0, BLOCK_K), INDEX_64)
             j_ok = js < CS
             xm = rows_ok[:, None] & j_ok[None, :]
             x = tl.load(s_ptr + s_rows[:, None] + js[None, :] * s_sc, mask=xm, other=0.0)
@@ -62,14 +63,14 @@ def _hint_dx_kernel(d_ptr, wa_ptr, s_ptr, mean_ptr, g1_ptr, g0_ptr, ds_ptr, M, C
 @triton.jit
 def _hint_dw_kernel(d_ptr, s_ptr, part_ptr, M, CS, CT, HW, W, s_sn, s_sc, s_sh, s_sw, ROWS_PER_PROG,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
     # part[s] tile (BLOCK_M regressor channels, BLOCK_N student channels) = Σ_{m in split s} D[m, c]·X[m, k].
     # The reduction runs over M, so it is split across program_id(1) for parallelism; torch sums the fp32 partials.
     # Whole op: 2·M·Ct·Cs FLOPs; D and X read once per tile column/row (L2), splits·Ct·Cs fp32 written.
     num_m = tl.cdiv(CT, BLOCK_M)
     num_n = tl.cdiv(CS, BLOCK_N)
     pid_c, pid_k = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
-    pid_s = tl.program_id(1).to(tl.int64)
+    pid_c, pid_k, pid_s = widen(pid_c, INDEX_64), widen(pid_k, INDEX_64), widen(tl.program_id(1), INDEX_64)
     cs = pid_c * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     cs_ok, ks_ok = cs < CT, ks < CS
@@ -108,7 +109,7 @@ def hint_grad_student(d: Tensor, weight_a: Tensor, student: Tensor, mean: Tensor
     grid = (triton.cdiv(m, block_m) * triton.cdiv(cs, block_n),)
     _hint_dx[grid](d, weight_a, student, mean, g1, g0, grad, m, cs, ct, h * w, w, *student.stride(), *grad.stride(),
                    BLOCK_M=block_m, BLOCK_N=block_n, BATCH_STATS=batch_stats, DOT_F32=_dot_f32(d),
-                   PRECISION=dot_precision(student.dtype), **fixed_meta())
+                   PRECISION=dot_precision(student.dtype), INDEX_64=needs_int64(d, student, grad), **fixed_meta())
     return grad
 
 
@@ -123,5 +124,5 @@ def hint_dt_x(d: Tensor, student: Tensor) -> Tensor:
     part = torch.empty((splits, ct, cs), device=d.device, dtype=torch.float32)
     _hint_dw[(tiles, splits)](d, student, part, m, cs, ct, h * w, w, *student.stride(), rows, BLOCK_M=block_m,
                               BLOCK_N=block_n, DOT_F32=_dot_f32(d), PRECISION=dot_precision(student.dtype),
-                              **fixed_meta())
+                              INDEX_64=needs_int64(d, student, part), **fixed_meta())
     return part.sum(0)

@@ -16,15 +16,15 @@ import triton.language as tl
 from torch import Tensor
 
 from .hint_loss_common import (INTERPRET, INTERPRET_K, INTERPRET_TILE, STATS_COLS, STATS_ROWS, check_runnable,
-                               dot_precision, row_offsets, split_rows)
+                               dot_precision, needs_int64, row_offsets, split_rows, widen)
 
 
 @triton.jit
 def _hint_colsum_kernel(s_ptr, part_ptr, M, CS, HW, W, stride_n, stride_c, stride_h, stride_w, ROWS_PER_PROG,
-                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, INDEX_64: tl.constexpr):
     # part[s, c] = Σ_{m in split s} X[m, c]. Reads X once (M·Cs elements), writes splits·Cs fp32.
-    pid_s = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_s = widen(tl.program_id(0), INDEX_64)
+    cols = widen(tl.program_id(1), INDEX_64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cols_ok = cols < CS
     start = pid_s * ROWS_PER_PROG
     end = tl.minimum(start + ROWS_PER_PROG, M)
@@ -41,16 +41,17 @@ def _hint_colsum_kernel(s_ptr, part_ptr, M, CS, HW, W, stride_n, stride_c, strid
 
 @triton.jit
 def _hint_gram_kernel(s_ptr, mean_ptr, part_ptr, M, CS, HW, W, stride_n, stride_c, stride_h, stride_w, ROWS_PER_PROG,
-                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                      INDEX_64: tl.constexpr):
     # part[s, i, j] = Σ_{m in split s} (X[m, i] − μ_i)(X[m, j] − μ_j), only tiles i ≤ j computed (Gc is symmetric),
     # each stored at (i, j) and (j, i). Reads X twice per tile pair from L2; M·Cs²/2 multiply-adds; writes
     # splits·Cs² fp32.
-    pid_s = tl.program_id(0).to(tl.int64)
+    pid_s = widen(tl.program_id(0), INDEX_64)
     pid_i = tl.program_id(1)
     pid_j = tl.program_id(2)
     if pid_i <= pid_j:
-        ci = pid_i.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cj = pid_j.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ci = widen(pid_i, INDEX_64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cj = widen(pid_j, INDEX_64) * BLOCK_C + tl.arange(0, BLOCK_C)
         ci_ok, cj_ok = ci < CS, cj < CS
         mean_i = tl.load(mean_ptr + ci, mask=ci_ok, other=0.0)
         mean_j = tl.load(mean_ptr + cj, mask=cj_ok, other=0.0)
@@ -92,7 +93,7 @@ def feature_moments(student: Tensor) -> tuple[Tensor, Tensor]:
     splits = triton.cdiv(m, rows)
     part = torch.empty((splits, cs), device=student.device, dtype=torch.float32)
     _hint_colsum_kernel[(splits, col_blocks)](student, part, m, cs, h * w, w, *strides, rows, BLOCK_M=block_rows,
-                                              BLOCK_C=block_c)
+                                              BLOCK_C=block_c, INDEX_64=needs_int64(student))
     mean = part.sum(0) / m
 
     upper_tiles = col_blocks * (col_blocks + 1) // 2
@@ -102,7 +103,8 @@ def feature_moments(student: Tensor) -> tuple[Tensor, Tensor]:
     dot_f32 = INTERPRET or student.dtype == torch.float32
     _hint_gram_kernel[(splits, col_blocks, col_blocks)](student, mean, part, m, cs, h * w, w, *strides, rows,
                                                          BLOCK_M=block_rows, BLOCK_C=block_c, DOT_F32=dot_f32,
-                                                         PRECISION=dot_precision(student.dtype))
+                                                         PRECISION=dot_precision(student.dtype),
+                                                         INDEX_64=needs_int64(student, part))
     return mean, part.sum(0)
 
 

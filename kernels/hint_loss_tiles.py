@@ -14,17 +14,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .hint_loss_common import (INTERPRET, check_runnable, dot_precision, fixed_meta, grouped_tile, row_offsets,
-                               tile_for, tuned)
+from .hint_loss_common import (INTERPRET, check_runnable, dot_precision, fixed_meta, grouped_tile, needs_int64,
+                               row_offsets, tile_for, tuned, widen)
 
 
 @triton.jit
 def _regress_tile(s_ptr, s_rows, rows_ok, stride_sc, w_ptr, stride_wo, stride_wi, cols, cols_ok, CS,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, CS, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        ks = widen(k0 + tl.arange(0, BLOCK_K), INDEX_64)
         k_ok = ks < CS
         x = tl.load(s_ptr + s_rows[:, None] + ks[None, :] * stride_sc, mask=rows_ok[:, None] & k_ok[None, :],
                     other=0.0)
@@ -41,7 +41,8 @@ def _regress_tile(s_ptr, s_rows, rows_ok, stride_sc, w_ptr, stride_wo, stride_wi
 def _hint_fwd_kernel(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, part_ptr, M, CS, CT, HW, W,
                      s_sn, s_sc, s_sh, s_sw, t_sn, t_sc, t_sh, t_sw, w_so, w_si,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     RELU: tl.constexpr, NORMALIZED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                     RELU: tl.constexpr, NORMALIZED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                     INDEX_64: tl.constexpr):
     # Loss sums per row m of this tile's channel block j (part has shape (R, num_n, M), fp32):
     #   NORMALIZED: Σ_c Z², Σ_c Z·U, Σ_c U²   → per sample ‖y‖², y·u, ‖u‖² → Σ_n ‖y/‖y‖ − u/‖u‖‖² / N
     #   otherwise:  Σ_c (Z − U)²              → ½Σ/N (half_sq) or Σ/(M·Ct) (mse)
@@ -50,11 +51,12 @@ def _hint_fwd_kernel(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, part_ptr, M, CS,
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(CT, BLOCK_N)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
+    pid_m, pid_n = widen(pid_m, INDEX_64), widen(pid_n, INDEX_64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_ok, cols_ok = rows < M, cols < CT
     acc = _regress_tile(s_ptr, row_offsets(rows, HW, W, s_sn, s_sh, s_sw), rows_ok, s_sc, w_ptr, w_so, w_si, cols,
-                        cols_ok, CS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PRECISION)
+                        cols_ok, CS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PRECISION, INDEX_64)
     scale = tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=cols_ok, other=0.0)
     z = acc * scale[None, :] + shift[None, :]
@@ -80,7 +82,8 @@ def _hint_bwd_dp_kernel(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, center_ptr, c
                         M, CS, CT, HW, W, NSAMPLES,
                         s_sn, s_sc, s_sh, s_sw, t_sn, t_sc, t_sh, t_sw, w_so, w_si,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                        RELU: tl.constexpr, SUMS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                        RELU: tl.constexpr, SUMS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                        INDEX_64: tl.constexpr):
     # Gradient of the loss at P (before ReLU), per sample n = m // (H·W) with coefficients from the forward sums:
     #   dL/dZ = α_n Z + β_n U    (normalized: α = 2(y·u)/(N‖y‖³‖u‖), β = −2/(N‖y‖‖u‖); half_sq: α = −β = g/N;
     #                             mse: α = −β = 2g/(M·Ct); grad_output g folded into α, β)
@@ -90,11 +93,12 @@ def _hint_bwd_dp_kernel(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, center_ptr, c
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(CT, BLOCK_N)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
+    pid_m, pid_n = widen(pid_m, INDEX_64), widen(pid_n, INDEX_64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_ok, cols_ok = rows < M, cols < CT
     acc = _regress_tile(s_ptr, row_offsets(rows, HW, W, s_sn, s_sh, s_sw), rows_ok, s_sc, w_ptr, w_so, w_si, cols,
-                        cols_ok, CS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PRECISION)
+                        cols_ok, CS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PRECISION, INDEX_64)
     scale = tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=cols_ok, other=0.0)
     p = acc * scale[None, :] + shift[None, :]
@@ -142,7 +146,8 @@ def hint_forward_sums(student: Tensor, teacher: Tensor, weight_lp: Tensor, scale
     grid = (triton.cdiv(m, block_m) * num_n,)
     _hint_fwd[grid](student, teacher, weight_lp, scale, shift, part, *args, BLOCK_M=block_m, BLOCK_N=block_n,
                     RELU=relu, NORMALIZED=normalized, DOT_F32=INTERPRET or student.dtype == torch.float32,
-                    PRECISION=dot_precision(student.dtype), **fixed_meta())
+                    PRECISION=dot_precision(student.dtype), INDEX_64=needs_int64(student, teacher, part),
+                    **fixed_meta())
     return part.sum(dim=1, dtype=torch.float64).view(part.shape[0], n, h * w).sum(dim=2)
 
 
@@ -160,5 +165,5 @@ def hint_backward_dp(student: Tensor, teacher: Tensor, weight_lp: Tensor, scale:
     _hint_bwd_dp[grid](student, teacher, weight_lp, scale, shift, center, coef, d, part, *args[:5], n, *args[5:],
                        BLOCK_M=block_m, BLOCK_N=block_n, RELU=relu, SUMS=sums,
                        DOT_F32=INTERPRET or student.dtype == torch.float32, PRECISION=dot_precision(student.dtype),
-                       **fixed_meta())
+                       INDEX_64=needs_int64(student, teacher, d, part), **fixed_meta())
     return d, (part.sum(dim=1) if sums else None)

@@ -402,3 +402,24 @@ def test_only_the_inputs_that_need_gradients_get_them(train):
     torch.testing.assert_close(fused_conn[0].weight.grad, plain_conn[0].weight.grad, rtol=1e-4, atol=1e-7)
     scale = float(plain_conn[0].weight.grad.abs().max())
     torch.testing.assert_close(fused_conn[0].bias.grad, plain_conn[0].bias.grad, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_int64_offsets_path(monkeypatch):
+    # Offsets switch to int64 only when a tensor spans 2³¹ elements; force that path on a small case.
+    import fastfit.kernels.hint_loss_grads as grads
+    import fastfit.kernels.hint_loss_stats as stats
+    import fastfit.kernels.hint_loss_tiles as tiles
+
+    for module in (grads, stats, tiles):
+        monkeypatch.setattr(module, "needs_int64", lambda *tensors: True)
+    _check_once(shape="wide_odd", kind="normalized_l2", bn="train", layout="contiguous")
+
+
+def test_needs_int64_measures_the_farthest_offset():
+    from fastfit.kernels.hint_loss_common import needs_int64
+
+    small = torch.empty_strided((4, 8, 7, 7), (392, 1, 56, 8), device="meta")
+    assert not needs_int64(small)
+    # 2 × 2¹⁶ × 2¹⁴ × 1 elements: the last offset is 2³¹ − 1, past what int32 offsets can address safely
+    assert needs_int64(torch.empty((2, 2**16, 2**14, 1), device="meta"))
+    assert not needs_int64(torch.empty((2, 2**16, 2**14 - 1, 1), device="meta"))
