@@ -1,0 +1,290 @@
+"""Fused FitNets hint loss: a 1×1 regressor (conv ± bias, optional BatchNorm, optional ReLU) and the hint loss in one
+GEMM pass whose regressor output never reaches memory.
+
+    supports_connector(connector) -> bool
+    fused_connector_hint_loss(connector, student_feature, teacher_feature, kind) -> 0-dim fp32 loss
+    fused_hint_loss(student, teacher, weight, bias=None, *, kind, batch_norm=False, bn_weight=None, bn_bias=None,
+                    running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1, eps=1e-5,
+                    training=True, relu=False) -> 0-dim fp32 loss
+
+Math, with X the (M = N·H·W, Cs) student rows, A = X Wᵀ, U the teacher rows (M, Ct). Conv bias and BatchNorm fold
+into one per-channel affine P = A·a + e:  no BN: a = 1, e = b;  running stats: a = γ/√(σ²_run + ε),
+e = β + (b − μ_run)·a;  batch stats: a = γ/√(var_A + ε), e = β − mean_A·a (b cancels), with mean_A, var_A from
+the moments of X (hint_loss_stats). Z = relu(P) (or P) is compared with U per sample (see fastfit.losses).
+Backward, D = dL/dP (hint_loss_tiles):  dβ = Σ_m D,  dγ = Σ_m D·x̂,  and with batch statistics
+dY = a⊙(D − Σ_m D/M − x̂⊙Σ_m D·x̂/M) = a⊙D + c1⊙(A − mean_A) − a⊙Σ_m D/M, c1 = −a·r²·Σ_m D·(A − mean_A)/M,
+so dX = dY·W and dW = dYᵀX reduce to GEMMs over D plus Cs × Cs corrections (hint_loss_grads). The conv bias gets
+Σ_m dY, which is exactly zero under batch statistics.
+
+Passes (batch-statistics BN; others skip the first two):
+  forward   column sums of X, centered Gram of X (M·Cs² FLOPs) → regressor GEMM + loss epilogue (2·M·Cs·Ct FLOPs;
+            reads X, W, T; writes a few floats per row)
+  backward  regressor GEMM again + dP epilogue, writing D → dX GEMM (2·M·Ct·Cs + 2·M·Cs²) → DᵀX GEMM (2·M·Ct·Cs)
+Memory: D is one (M, Ct) buffer in the grad dtype (bf16 for bf16 features, else fp32), live only during backward:
+M·Ct·2 bytes in bf16 — 51 MB for layer4 (12,544 × 2048) and 103 MB for layer3 (50,176 × 1024) at batch 256, the
+size of the teacher feature. Recomputing dY inside the dX and dW GEMMs instead would redo the regressor GEMM once per
+Cs tile (dX) or need Ct × Cs atomics per row block (dW), so the buffer is the faster trade.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .hint_loss_checks import check_hint_inputs, unpack_connector
+from .hint_loss_common import check_runnable
+from .hint_loss_grads import hint_dt_x, hint_grad_student
+from .hint_loss_stats import hint_moments
+from .hint_loss_tiles import hint_backward_dp, hint_forward_sums
+
+NO_BN, BATCH_STATS, RUNNING_STATS = 0, 1, 2   # how BatchNorm normalizes
+NORM_EPS = 1e-12                              # fastfit.losses._NORM_EPS: an all-zero map normalizes to zero
+
+
+def _fp32_math(device: torch.device):
+    # Autocast stays enabled inside a custom op's implementation; its small matmuls (batch statistics, BatchNorm
+    # corrections) must stay fp32.
+    return torch.autocast(device.type, enabled=False)
+
+
+def _affine(mode, mean_a, var_a, bias, bn_weight, bn_bias, running_mean, running_var, eps, ct, device):
+    """(a, e, center, r): P = A·a + e and x̂ = (A − center)·r, all fp32 (Ct,)."""
+    zeros = torch.zeros(ct, device=device, dtype=torch.float32)
+    b = bias.float() if bias is not None else zeros
+    if mode == NO_BN:
+        return torch.ones_like(zeros), b, zeros, torch.ones_like(zeros)
+    if mode == BATCH_STATS:
+        rstd, center = torch.rsqrt(var_a + eps), mean_a
+    else:
+        rstd, center = torch.rsqrt(running_var.float() + eps), running_mean.float() - b
+    scale = rstd * bn_weight.float() if bn_weight is not None else rstd
+    shift = (bn_bias.float() if bn_bias is not None else zeros) - center * scale
+    return scale, shift, center, rstd
+
+
+def _loss(kind: str, sums: Tensor, n: int, m: int, ct: int) -> Tensor:
+    if kind == "half_sq":
+        return (0.5 * sums[0].sum() / n).float()
+    if kind == "mse":
+        return (sums[0].sum() / (m * ct)).float()
+    syy, syu, suu = sums
+    ny, nu = syy.sqrt().clamp_min(NORM_EPS), suu.sqrt().clamp_min(NORM_EPS)
+    return ((syy / ny**2 - 2 * syu / (ny * nu) + suu / nu**2).sum() / n).float()
+
+
+def _sample_coefficients(kind: str, sums: Tensor, grad: Tensor, n: int, m: int, ct: int) -> Tensor:
+    """(2, N) fp32: dL/dZ = α_n Z + β_n U for the rows of sample n, grad_output included."""
+    g = grad.to(torch.float64)
+    if kind in ("half_sq", "mse"):
+        alpha = (g / n if kind == "half_sq" else 2 * g / (m * ct)).expand(n)
+        return torch.stack([alpha, -alpha]).float()
+    syy, syu, suu = sums
+    ny = syy.sqrt()
+    nyc, nu = ny.clamp_min(NORM_EPS), suu.sqrt().clamp_min(NORM_EPS)
+    # d(y/max(‖y‖, ε))/dy is (I − ŷŷᵀ)/‖y‖ above ε and I/ε below it (the clamp blocks the norm's gradient).
+    alpha = torch.where(ny >= NORM_EPS, 2 * syu / (n * nyc**3 * nu), 2 / (n * nyc**2))
+    beta = -2 / (n * nyc * nu)
+    return (torch.stack([alpha, beta]) * g).float()
+
+
+@torch.library.custom_op("fastfit::hint_loss", mutates_args=())
+def _hint_loss_op(student: Tensor, teacher: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                  bn_bias: Optional[Tensor], feature_mean: Optional[Tensor], feature_gram: Optional[Tensor],
+                  running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float, bn_mode: int, relu: bool,
+                  kind: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    with _fp32_math(student.device):
+        return _forward(student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, running_mean,
+                        running_var, eps, bn_mode, relu, kind)
+
+
+def _forward(student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, running_mean, running_var,
+             eps, bn_mode, relu, kind):
+    n, cs, h, w = student.shape
+    ct, m = teacher.shape[1], n * h * w
+    w_lp = weight.reshape(ct, cs).to(student.dtype)  # the GEMM's operand; batch statistics use the same values
+    mean_a, var_a = (student.new_empty((0,), dtype=torch.float32) for _ in range(2))  # distinct: outputs may not alias
+    if bn_mode == BATCH_STATS:
+        w_f = w_lp.float()
+        mean_a = w_f @ feature_mean
+        var_a = ((w_f @ feature_gram) * w_f).sum(1).div(m).clamp_min(0.0)
+    scale, shift, _, _ = _affine(bn_mode, mean_a, var_a, bias, bn_weight, bn_bias, running_mean, running_var, eps, ct,
+                                 student.device)
+    sums = hint_forward_sums(student, teacher, w_lp, scale, shift, relu, kind == "normalized_l2")
+    return _loss(kind, sums, n, m, ct), mean_a, var_a, sums
+
+
+@_hint_loss_op.register_fake
+def _(student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, running_mean, running_var, eps,
+      bn_mode, relu, kind):
+    stats = teacher.shape[1] if bn_mode == BATCH_STATS else 0
+    f32 = torch.float32
+    return (student.new_empty((), dtype=f32), student.new_empty((stats,), dtype=f32),
+            student.new_empty((stats,), dtype=f32),
+            student.new_empty((3 if kind == "normalized_l2" else 1, student.shape[0]), dtype=torch.float64))
+
+
+@torch.library.custom_op("fastfit::hint_loss_backward", mutates_args=())
+def _hint_loss_backward_op(grad: Tensor, student: Tensor, teacher: Tensor, weight: Tensor, bias: Optional[Tensor],
+                           bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], feature_mean: Optional[Tensor],
+                           feature_gram: Optional[Tensor], running_mean: Optional[Tensor],
+                           running_var: Optional[Tensor], mean_a: Tensor, var_a: Tensor, sums: Tensor, eps: float,
+                           bn_mode: int, relu: bool, kind: str, need_student: bool, need_weight: bool, need_bias: bool,
+                           need_bn: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with _fp32_math(student.device):
+        return _backward_grads(grad, student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram,
+                               running_mean, running_var, mean_a, var_a, sums, eps, bn_mode, relu, kind, need_student,
+                               need_weight, need_bias, need_bn)
+
+
+def _backward_grads(grad, student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, running_mean,
+                    running_var, mean_a, var_a, sums, eps, bn_mode, relu, kind, need_student, need_weight, need_bias,
+                    need_bn):
+    n, cs, h, w = student.shape
+    ct, m = teacher.shape[1], n * h * w
+    w_lp = weight.reshape(ct, cs).to(student.dtype)
+    w_f = w_lp.float()
+    scale, shift, center, rstd = _affine(bn_mode, mean_a, var_a, bias, bn_weight, bn_bias, running_mean, running_var,
+                                         eps, ct, student.device)
+    coef = _sample_coefficients(kind, sums, grad, n, m, ct)
+    batch = bn_mode == BATCH_STATS
+    want_sums = batch or need_bias or (need_bn and bn_mode != NO_BN)
+    grad_dtype = torch.bfloat16 if student.dtype == torch.bfloat16 else torch.float32
+    d, col_sums = hint_backward_dp(student, teacher, w_lp, scale, shift, center, coef, relu, want_sums, grad_dtype)
+    sum_d, sum_dx = (col_sums[0], col_sums[1]) if want_sums else (None, None)
+    c1 = a_sum_d = None
+    if batch:
+        c1 = -scale * rstd * rstd * sum_dx / m
+        a_sum_d = scale * sum_d
+    d_student, d_weight, d_bias, d_gamma, d_beta = (student.new_empty((0,)) for _ in range(5))
+    if need_student:
+        g1 = g0 = None
+        if batch:
+            g1 = w_f.t() @ (c1[:, None] * w_f)
+            g0 = -(w_f.t() @ a_sum_d) / m
+        weight_a = (scale[:, None] * w_f).to(grad_dtype)
+        d_student = hint_grad_student(d, weight_a, student, feature_mean, g1, g0)
+    if need_weight:
+        dw = scale[:, None] * hint_dt_x(d, student)
+        if batch:
+            dw = dw + c1[:, None] * (w_f @ feature_gram) - a_sum_d[:, None] * feature_mean[None, :]
+        d_weight = dw.to(weight.dtype).reshape(weight.shape)
+    if need_bias:
+        db = torch.zeros_like(sum_d) if batch else (sum_d if bn_mode == NO_BN else scale * sum_d)
+        d_bias = db.to(bias.dtype)
+    if need_bn:
+        d_gamma = (rstd * sum_dx).to(bn_weight.dtype)
+        d_beta = sum_d.to(bn_bias.dtype).clone()
+    return d_student, d_weight, d_bias, d_gamma, d_beta
+
+
+@_hint_loss_backward_op.register_fake
+def _(grad, student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, running_mean, running_var,
+      mean_a, var_a, sums, eps, bn_mode, relu, kind, need_student, need_weight, need_bias, need_bn):
+    def none():
+        return student.new_empty((0,))
+
+    return (torch.empty_like(student) if need_student else none(), torch.empty_like(weight) if need_weight else none(),
+            torch.empty_like(bias) if need_bias else none(), torch.empty_like(bn_weight) if need_bn else none(),
+            torch.empty_like(bn_bias) if need_bn else none())
+
+
+def _setup_context(ctx, inputs, output):
+    (student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, running_mean, running_var, eps,
+     bn_mode, relu, kind) = inputs
+    _, mean_a, var_a, sums = output
+    ctx.save_for_backward(student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, running_mean,
+                          running_var, mean_a, var_a, sums)
+    ctx.config = (eps, bn_mode, relu, kind)
+
+
+def _backward(ctx, grad_loss, _grad_mean, _grad_var, _grad_sums):
+    need = ctx.needs_input_grad
+    need_bn = ctx.saved_tensors[4] is not None and (need[4] or need[5])
+    grads = _hint_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.config, need[0], need[2], need[3], need_bn)
+    d_student, d_weight, d_bias, d_gamma, d_beta = grads
+    return (d_student if need[0] else None, None, d_weight if need[2] else None, d_bias if need[3] else None,
+            d_gamma if need[4] else None, d_beta if need[5] else None, None, None, None, None, None, None, None, None)
+
+
+_hint_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastfit::hint_bn_update_running_stats",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
+                          batch_mean: Tensor, batch_var: Tensor, momentum: Optional[float], count: int) -> None:
+    # nn.BatchNorm2d's update, on the device (it reads num_batches_tracked on the host; this does not).
+    with _fp32_math(running_mean.device):
+        _update(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, momentum, count)
+
+
+def _update(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, momentum, count):
+    factor: float | Tensor = 0.0 if momentum is None else momentum
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / num_batches_tracked.to(running_mean.dtype)
+    unbiased = batch_var * (count / (count - 1))
+    running_mean.lerp_(batch_mean.to(running_mean.dtype), factor)
+    running_var.lerp_(unbiased.to(running_var.dtype), factor)
+
+
+@_update_running_stats.register_fake
+def _(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, momentum, count):
+    return None
+
+
+def supports_connector(connector: nn.Module) -> bool:
+    """True for nn.Sequential(Conv2d 1×1 stride 1 padding 0 dilation 1 groups 1 [, BatchNorm2d] [, ReLU])."""
+    return not isinstance(unpack_connector(connector), str)
+
+
+def fused_connector_hint_loss(connector: nn.Module, student_feature: Tensor, teacher_feature: Tensor,
+                              kind: str) -> Tensor:
+    """The hint loss of connector(student_feature) against teacher_feature, fused; BatchNorm follows the module's
+    training flag exactly like nn.BatchNorm2d (batch statistics and running-stat updates in training)."""
+    parts = unpack_connector(connector)
+    if isinstance(parts, str):
+        raise ValueError(parts)
+    conv, bn, relu = parts
+    if bn is None:
+        return fused_hint_loss(student_feature, teacher_feature, conv.weight, conv.bias, kind=kind, relu=relu)
+    return fused_hint_loss(student_feature, teacher_feature, conv.weight, conv.bias, kind=kind, batch_norm=True,
+                           bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
+                           running_var=bn.running_var, num_batches_tracked=bn.num_batches_tracked,
+                           momentum=bn.momentum, eps=bn.eps, training=bn.training, relu=relu)
+
+
+def fused_hint_loss(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None = None, *, kind: str,
+                    batch_norm: bool = False, bn_weight: Tensor | None = None, bn_bias: Tensor | None = None,
+                    running_mean: Tensor | None = None, running_var: Tensor | None = None,
+                    num_batches_tracked: Tensor | None = None, momentum: float | None = 0.1, eps: float = 1e-5,
+                    training: bool = True, relu: bool = False) -> Tensor:
+    """hint_loss(relu?(bn?(conv1x1(student, weight, bias))), teacher, kind) without materializing the regressor output.
+
+    student (N, Cs, H, W) and teacher (N, Ct, H, W): fp32/bf16/fp16, channels-last (fast) or any strides, read in
+    place; the teacher gets no gradient. weight (Ct, Cs[, 1, 1]); bias, bn_weight (γ), bn_bias (β), running_mean,
+    running_var (Ct,), each optional. With batch_norm, batch statistics are used when training or when there are no
+    running stats, and a training call updates running_mean / running_var (unbiased) / num_batches_tracked in place
+    (momentum None: cumulative average), as nn.BatchNorm2d does. The 1×1 GEMM runs in the student's dtype (the
+    weight is cast to it, as autocast would) with fp32 accumulation; BatchNorm and the loss are fp32. Returns a 0-dim
+    fp32 loss.
+    """
+    check_hint_inputs(student, teacher, weight, bias, kind, batch_norm, bn_weight, bn_bias, running_mean, running_var,
+                      training)
+    check_runnable(student, "the student feature")
+    mode = NO_BN if not batch_norm else (BATCH_STATS if training or running_mean is None else RUNNING_STATS)
+    feature_mean = feature_gram = None
+    if mode == BATCH_STATS:
+        feature_mean, feature_gram = hint_moments(student.detach())
+    running = (running_mean, running_var) if mode == RUNNING_STATS else (None, None)
+    loss, mean_a, var_a, _ = _hint_loss_op(student, teacher.detach(), weight, bias, bn_weight, bn_bias, feature_mean,
+                                           feature_gram, *running, float(eps), mode, bool(relu), kind)
+    if mode == BATCH_STATS and training and running_mean is not None:
+        batch_mean = mean_a.detach() + (bias.detach().float() if bias is not None else 0.0)
+        n, _, h, w = student.shape
+        _update_running_stats(running_mean, running_var, num_batches_tracked, batch_mean, var_a.detach(), momentum,
+                              n * h * w)
+    return loss

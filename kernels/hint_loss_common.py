@@ -1,0 +1,118 @@
+"""Shared pieces of the fused hint loss kernels: tile sizes and tuning, how a feature map's (N·H·W, C) rows are
+addressed for any layout, grouped program order, and where the kernels may run.
+
+A feature map (N, C, H, W) is read as the matrix X[m, c] with m = (n·H + h)·W + w, whatever its strides: row m lives
+at n·s_n + h·s_h + w·s_w and column c at c·s_c. Channels-last makes each row contiguous (the fast path); contiguous
+NCHW makes each column contiguous — both are read in place, nothing is copied.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# triton.jit read TRITON_INTERPRET when these kernels were decorated; read it once, the same way.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# GPU tiles: 16-bit inputs feed bf16/fp16 tensor cores with fp32 accumulators; fp32 inputs use smaller tiles (4-byte
+# operands, IEEE dots). BLOCK_M/BLOCK_N also fix the shapes of the partial-sum buffers, so autotuning varies only
+# BLOCK_K, GROUP_M, warps and stages: every program writes its own slots and reruns during tuning are harmless.
+TILE_16BIT, TILE_FP32 = (128, 128), (64, 64)
+STATS_ROWS, STATS_COLS = 64, 64          # Gram and column-sum tiles (small GEMMs, many programs)
+INTERPRET_TILE, INTERPRET_K = 32, 16     # tiny tiles so the small test shapes still span several programs
+TARGET_PROGRAMS_PER_SM = 2               # split-K programs for the reductions over M (Gram, dW)
+MAX_PARTIAL_ELEMENTS = 1 << 24           # 64 MiB of fp32 partial sums at most for a split-K reduction
+
+
+def _gemm_configs() -> list[triton.Config]:
+    # 8 warps for the 128×128 16-bit tiles (4 warps spill their epilogues, per ptxas for sm_90); the 4-warp config
+    # serves the 64×64 fp32 tiles. Configs that overflow shared memory are skipped by the autotuner.
+    return [
+        triton.Config({"BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=5),
+        triton.Config({"BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ]
+
+
+def tuned(kernel):
+    """Autotune the GEMM kernels on a GPU; the interpreter gets one fixed config (several configs fail there)."""
+    if INTERPRET:
+        return kernel
+    return triton.autotune(configs=_gemm_configs(), key=["M", "CS", "CT"])(kernel)
+
+
+def tile_for(dtype: torch.dtype) -> tuple[int, int]:
+    if INTERPRET:
+        return INTERPRET_TILE, INTERPRET_TILE
+    return TILE_FP32 if dtype == torch.float32 else TILE_16BIT
+
+
+def fixed_meta() -> dict[str, int]:
+    """The meta-parameters the autotuner picks on a GPU, fixed under the interpreter."""
+    return {"BLOCK_K": INTERPRET_K, "GROUP_M": 2} if INTERPRET else {}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 features get exact IEEE dots; fp16 backward operands are upcast to fp32 (see hint_loss_grads) and TF32
+    # keeps fp16's 10-bit mantissa with fp32's range; 16-bit tensor-core dots ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def split_rows(m: int, tiles: int, block_rows: int, partial_elements_per_split: int, device: torch.device) -> int:
+    """Rows per program for a reduction over M split across programs (written as partials, summed by torch)."""
+    if INTERPRET:
+        splits = 2
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = triton.cdiv(TARGET_PROGRAMS_PER_SM * sms, max(tiles, 1))
+        splits = min(splits, max(1, MAX_PARTIAL_ELEMENTS // max(partial_elements_per_split, 1)))
+    splits = max(1, min(splits, triton.cdiv(m, block_rows)))
+    return triton.cdiv(triton.cdiv(m, splits), block_rows) * block_rows
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """True when some element offset reaches 2³¹. Below that, int32 offsets are exact and much cheaper: int64
+    address math on 128×128 tiles spills registers on sm_90 (checked with ptxas), so it is used only when needed."""
+    reach = max(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) for t in tensors)
+    return reach >= 2**31 - 1
+
+
+def check_runnable(tensor: torch.Tensor, name: str) -> None:
+    if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and INTERPRET):
+        return
+    raise ValueError(f"expected {name} on a CUDA device (or TRITON_INTERPRET=1 set before triton is imported, to run "
+                     f"the kernels on the CPU through Triton's interpreter), got a tensor on {tensor.device}")
+
+
+@triton.jit
+def row_offsets(rows, HW, W, stride_n, stride_h, stride_w):
+    """Element offsets of feature-map rows m = (n·H + h)·W + w (offsets in the rows' integer type)."""
+    n = rows // HW
+    p = rows - n * HW
+    h = p // W
+    return n * stride_n + h * stride_h + (p - h * W) * stride_w
+
+
+@triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Map a linear program id onto (tile row, tile column) in groups of GROUP_M tile rows, so programs running
+    together share the operand columns they read (L2 reuse, as in the Triton matmul tutorial)."""
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def widen(x, INDEX_64: tl.constexpr):
+    """Index type for offsets: int64 only when a tensor of the launch spans 2³¹ elements (see needs_int64)."""
+    if INDEX_64:
+        return x.to(tl.int64)
+    else:
+        return x

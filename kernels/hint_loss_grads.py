@@ -1,0 +1,128 @@
+"""The hint loss backward's two GEMMs over D = dL/dP (M × Ct, written by hint_loss_tiles):
+
+    dX = D·Wa + (X − μ)·G1 + g0      Wa = diag(a)·W; G1, g0 only for batch-statistics BatchNorm
+    DᵀX                               dW = diag(a)·DᵀX + (batch-statistics correction, added by the caller)
+
+With batch statistics dY = a⊙dP + c1⊙(A − mean_A) − a⊙Σ_m dP / M, and A − mean_A = (X − μ)Wᵀ turns the middle term
+of dY·W into (X − μ)·Wᵀdiag(c1)W = (X − μ)·G1: a Cs × Cs matrix instead of a second M × Ct buffer.
+Operands are the grad dtype (bf16 for bf16 features, fp32 otherwise) with fp32 accumulation; fp16 features get fp32
+D (fp16 would underflow the small gradients) and TF32 dots.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .hint_loss_common import (INTERPRET, dot_precision, fixed_meta, grouped_tile, needs_int64, row_offsets, split_rows,
+                               tile_for, tuned, widen)
+
+
+@triton.jit
+def _hint_dx_kernel(d_ptr, wa_ptr, s_ptr, mean_ptr, g1_ptr, g0_ptr, ds_ptr, M, CS, CT, HW, W,
+                    s_sn, s_sc, s_sh, s_sw, o_sn, o_sc, o_sh, o_sw,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    BATCH_STATS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
+    # dX tile (BLOCK_M rows, BLOCK_N student channels). Reads BLOCK_M×Ct of D, Ct×BLOCK_N of Wa (+ BLOCK_M×Cs of X,
+    # Cs×BLOCK_N of G1 with batch statistics); writes BLOCK_M×BLOCK_N of dS in the student's layout.
+    # Whole op: 2·M·Ct·Cs FLOPs (+ 2·M·Cs² with batch statistics); D read Cs/BLOCK_N times (L2), dS written once.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(CS, BLOCK_N)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
+    pid_m, pid_n = widen(pid_m, INDEX_64), widen(pid_n, INDEX_64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_ok, cols_ok = rows < M, cols < CS
+    op_ty = tl.float32 if DOT_F32 else d_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, CT, BLOCK_K):
+        cs = widen(c0 + tl.arange(0, BLOCK_K), INDEX_64)
+        c_ok = cs < CT
+        d = tl.load(d_ptr + rows[:, None] * CT + cs[None, :], mask=rows_ok[:, None] & c_ok[None, :], other=0.0)
+        wa = tl.load(wa_ptr + cs[:, None] * CS + cols[None, :], mask=c_ok[:, None] & cols_ok[None, :], other=0.0)
+        acc = tl.dot(d.to(op_ty), wa.to(op_ty), acc, input_precision=PRECISION)
+    if BATCH_STATS:
+        s_rows = row_offsets(rows, HW, W, s_sn, s_sh, s_sw)
+        for j0 in range(0, CS, BLOCK_K):
+            js = widen(j0 + tl.arange(0, BLOCK_K), INDEX_64)
+            j_ok = js < CS
+            xm = rows_ok[:, None] & j_ok[None, :]
+            x = tl.load(s_ptr + s_rows[:, None] + js[None, :] * s_sc, mask=xm, other=0.0)
+            mu = tl.load(mean_ptr + js, mask=j_ok, other=0.0)
+            x = tl.where(xm, x.to(tl.float32) - mu[None, :], 0.0)
+            g1 = tl.load(g1_ptr + js[:, None] * CS + cols[None, :], mask=j_ok[:, None] & cols_ok[None, :], other=0.0)
+            acc = tl.dot(x.to(op_ty), g1.to(op_ty), acc, input_precision=PRECISION)
+        acc += tl.load(g0_ptr + cols, mask=cols_ok, other=0.0)[None, :]
+    o_rows = row_offsets(rows, HW, W, o_sn, o_sh, o_sw)
+    tl.store(ds_ptr + o_rows[:, None] + cols[None, :] * o_sc, acc.to(ds_ptr.dtype.element_ty),
+             mask=rows_ok[:, None] & cols_ok[None, :])
+
+
+@triton.jit
+def _hint_dw_kernel(d_ptr, s_ptr, part_ptr, M, CS, CT, HW, W, s_sn, s_sc, s_sh, s_sw, ROWS_PER_PROG,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
+    # part[s] tile (BLOCK_M regressor channels, BLOCK_N student channels) = Σ_{m in split s} D[m, c]·X[m, k].
+    # The reduction runs over M, so it is split across program_id(1) for parallelism; torch sums the fp32 partials.
+    # Whole op: 2·M·Ct·Cs FLOPs; D and X read once per tile column/row (L2), splits·Ct·Cs fp32 written.
+    num_m = tl.cdiv(CT, BLOCK_M)
+    num_n = tl.cdiv(CS, BLOCK_N)
+    pid_c, pid_k = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
+    pid_c, pid_k, pid_s = widen(pid_c, INDEX_64), widen(pid_k, INDEX_64), widen(tl.program_id(1), INDEX_64)
+    cs = pid_c * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    cs_ok, ks_ok = cs < CT, ks < CS
+    op_ty = tl.float32 if DOT_F32 else d_ptr.dtype.element_ty
+    start = pid_s * ROWS_PER_PROG
+    end = tl.minimum(start + ROWS_PER_PROG, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_K):
+        rows = m0 + tl.arange(0, BLOCK_K)
+        r_ok = rows < end
+        d = tl.load(d_ptr + rows[:, None] * CT + cs[None, :], mask=r_ok[:, None] & cs_ok[None, :], other=0.0)
+        s_rows = row_offsets(rows, HW, W, s_sn, s_sh, s_sw)
+        x = tl.load(s_ptr + s_rows[:, None] + ks[None, :] * s_sc, mask=r_ok[:, None] & ks_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(d.to(op_ty)), x.to(op_ty), acc, input_precision=PRECISION)
+    tl.store(part_ptr + pid_s * CT * CS + cs[:, None] * CS + ks[None, :], acc, mask=cs_ok[:, None] & ks_ok[None, :])
+
+
+_hint_dx = tuned(_hint_dx_kernel)
+_hint_dw = tuned(_hint_dw_kernel)
+
+
+def _dot_f32(d: Tensor) -> bool:
+    return INTERPRET or d.dtype == torch.float32
+
+
+def hint_grad_student(d: Tensor, weight_a: Tensor, student: Tensor, mean: Tensor | None, g1: Tensor | None,
+                      g0: Tensor | None) -> Tensor:
+    """dX = D·Wa (+ (X − μ)·G1 + g0 when g1 is given), written in the student feature's layout and dtype."""
+    n, cs, h, w = student.shape
+    m, ct = d.shape
+    grad = torch.empty_like(student)  # keeps channels-last / NCHW; the kernel writes through its strides
+    block_m, block_n = tile_for(student.dtype)
+    batch_stats = g1 is not None
+    if not batch_stats:
+        mean = g1 = g0 = weight_a  # never read: BATCH_STATS=False compiles those loads away
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(cs, block_n),)
+    _hint_dx[grid](d, weight_a, student, mean, g1, g0, grad, m, cs, ct, h * w, w, *student.stride(), *grad.stride(),
+                   BLOCK_M=block_m, BLOCK_N=block_n, BATCH_STATS=batch_stats, DOT_F32=_dot_f32(d),
+                   PRECISION=dot_precision(student.dtype), INDEX_64=needs_int64(d, student, grad), **fixed_meta())
+    return grad
+
+
+def hint_dt_x(d: Tensor, student: Tensor) -> Tensor:
+    """DᵀX as an fp32 (Ct, Cs) matrix."""
+    n, cs, h, w = student.shape
+    m, ct = d.shape
+    block_m, block_n = tile_for(student.dtype)
+    tiles = triton.cdiv(ct, block_m) * triton.cdiv(cs, block_n)
+    rows = split_rows(m, tiles, block_m, ct * cs, student.device)
+    splits = triton.cdiv(m, rows)
+    part = torch.empty((splits, ct, cs), device=d.device, dtype=torch.float32)
+    _hint_dw[(tiles, splits)](d, student, part, m, cs, ct, h * w, w, *student.stride(), rows, BLOCK_M=block_m,
+                              BLOCK_N=block_n, DOT_F32=_dot_f32(d), PRECISION=dot_precision(student.dtype),
+                              INDEX_64=needs_int64(d, student, part), **fixed_meta())
+    return part.sum(0)

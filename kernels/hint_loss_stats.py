@@ -1,0 +1,119 @@
+"""BatchNorm batch statistics of the hint regressor's output without computing that output.
+
+For Y = X Wᵀ + b over the M = N·H·W rows of the student feature X (M × Cs):
+    mean(Y_c) = w_c · μ + b_c,   var(Y_c) = w_cᵀ Gc w_c / M,   μ = Σ_m x_m / M,   Gc = Σ_m (x_m − μ)(x_m − μ)ᵀ
+so two passes over X (a column sum, then the centered Cs × Cs Gram) replace a pass that would compute the M × Ct
+output. Centering before the product, rather than E[xxᵀ] − μμᵀ, keeps the variance accurate when |μ| ≫ σ.
+The op `fastfit::hint_moments` returns (μ, Gc) in fp32; it has no autograd: the gradient through the batch
+statistics is part of the hint loss's own backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .hint_loss_common import (INTERPRET, INTERPRET_K, INTERPRET_TILE, STATS_COLS, STATS_ROWS, check_runnable,
+                               dot_precision, needs_int64, row_offsets, split_rows, widen)
+
+
+@triton.jit
+def _hint_colsum_kernel(s_ptr, part_ptr, M, CS, HW, W, stride_n, stride_c, stride_h, stride_w, ROWS_PER_PROG,
+                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, INDEX_64: tl.constexpr):
+    # part[s, c] = Σ_{m in split s} X[m, c]. Reads X once (M·Cs elements), writes splits·Cs fp32.
+    pid_s = widen(tl.program_id(0), INDEX_64)
+    cols = widen(tl.program_id(1), INDEX_64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols_ok = cols < CS
+    start = pid_s * ROWS_PER_PROG
+    end = tl.minimum(start + ROWS_PER_PROG, M)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        rows_ok = rows < end
+        offs = row_offsets(rows, HW, W, stride_n, stride_h, stride_w)
+        x = tl.load(s_ptr + offs[:, None] + cols[None, :] * stride_c, mask=rows_ok[:, None] & cols_ok[None, :],
+                    other=0.0)
+        acc += tl.sum(x.to(tl.float32), axis=0)
+    tl.store(part_ptr + pid_s * CS + cols, acc, mask=cols_ok)
+
+
+@triton.jit
+def _hint_gram_kernel(s_ptr, mean_ptr, part_ptr, M, CS, HW, W, stride_n, stride_c, stride_h, stride_w, ROWS_PER_PROG,
+                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                      INDEX_64: tl.constexpr):
+    # part[s, i, j] = Σ_{m in split s} (X[m, i] − μ_i)(X[m, j] − μ_j), only tiles i ≤ j computed (Gc is symmetric),
+    # each stored at (i, j) and (j, i). Reads X twice per tile pair from L2; M·Cs²/2 multiply-adds; writes
+    # splits·Cs² fp32.
+    pid_s = widen(tl.program_id(0), INDEX_64)
+    pid_i = tl.program_id(1)
+    pid_j = tl.program_id(2)
+    if pid_i <= pid_j:
+        ci = widen(pid_i, INDEX_64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cj = widen(pid_j, INDEX_64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ci_ok, cj_ok = ci < CS, cj < CS
+        mean_i = tl.load(mean_ptr + ci, mask=ci_ok, other=0.0)
+        mean_j = tl.load(mean_ptr + cj, mask=cj_ok, other=0.0)
+        start = pid_s * ROWS_PER_PROG
+        end = tl.minimum(start + ROWS_PER_PROG, M)
+        acc = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
+        for m0 in range(start, end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            rows_ok = rows < end
+            offs = row_offsets(rows, HW, W, stride_n, stride_h, stride_w)
+            mi = rows_ok[:, None] & ci_ok[None, :]
+            mj = rows_ok[:, None] & cj_ok[None, :]
+            xi = tl.load(s_ptr + offs[:, None] + ci[None, :] * stride_c, mask=mi, other=0.0)
+            xj = tl.load(s_ptr + offs[:, None] + cj[None, :] * stride_c, mask=mj, other=0.0)
+            # Center in fp32, zero the masked entries again (they would hold −μ), then feed the dot its input type.
+            xi = tl.where(mi, xi.to(tl.float32) - mean_i[None, :], 0.0)
+            xj = tl.where(mj, xj.to(tl.float32) - mean_j[None, :], 0.0)
+            if not DOT_F32:
+                xi = xi.to(s_ptr.dtype.element_ty)
+                xj = xj.to(s_ptr.dtype.element_ty)
+            acc = tl.dot(tl.trans(xi), xj, acc, input_precision=PRECISION)
+        base = part_ptr + pid_s * CS * CS
+        ok = ci_ok[:, None] & cj_ok[None, :]
+        tl.store(base + ci[:, None] * CS + cj[None, :], acc, mask=ok)
+        if pid_i < pid_j:
+            tl.store(base + cj[None, :] * CS + ci[:, None], acc, mask=ok)
+
+
+def feature_moments(student: Tensor) -> tuple[Tensor, Tensor]:
+    """(μ, Gc) of the (N·H·W, Cs) rows of a 4-D feature map, fp32, any layout."""
+    check_runnable(student, "the student feature")
+    n, cs, h, w = student.shape
+    m = n * h * w
+    block_rows, block_c = (INTERPRET_TILE, INTERPRET_K) if INTERPRET else (STATS_ROWS, STATS_COLS)
+    col_blocks = triton.cdiv(cs, block_c)
+    strides = (student.stride(0), student.stride(1), student.stride(2), student.stride(3))
+
+    rows = split_rows(m, col_blocks, block_rows, cs, student.device)
+    splits = triton.cdiv(m, rows)
+    part = torch.empty((splits, cs), device=student.device, dtype=torch.float32)
+    _hint_colsum_kernel[(splits, col_blocks)](student, part, m, cs, h * w, w, *strides, rows, BLOCK_M=block_rows,
+                                              BLOCK_C=block_c, INDEX_64=needs_int64(student))
+    mean = part.sum(0) / m
+
+    upper_tiles = col_blocks * (col_blocks + 1) // 2
+    rows = split_rows(m, upper_tiles, block_rows, cs * cs, student.device)
+    splits = triton.cdiv(m, rows)
+    part = torch.empty((splits, cs, cs), device=student.device, dtype=torch.float32)
+    dot_f32 = INTERPRET or student.dtype == torch.float32
+    _hint_gram_kernel[(splits, col_blocks, col_blocks)](student, mean, part, m, cs, h * w, w, *strides, rows,
+                                                         BLOCK_M=block_rows, BLOCK_C=block_c, DOT_F32=dot_f32,
+                                                         PRECISION=dot_precision(student.dtype),
+                                                         INDEX_64=needs_int64(student, part))
+    return mean, part.sum(0)
+
+
+@torch.library.custom_op("fastfit::hint_moments", mutates_args=())
+def hint_moments(student: Tensor) -> tuple[Tensor, Tensor]:
+    return feature_moments(student)
+
+
+@hint_moments.register_fake
+def _(student: Tensor) -> tuple[Tensor, Tensor]:
+    cs = student.shape[1]
+    return student.new_empty((cs,), dtype=torch.float32), student.new_empty((cs, cs), dtype=torch.float32)

@@ -1,0 +1,169 @@
+"""The regressor GEMM with the hint loss in its epilogue: forward (loss sums) and the backward's first pass (dP).
+
+Per output tile (BLOCK_M rows of X, BLOCK_N regressor channels) both kernels compute A = X Wᵀ in fp32 and
+    P = A·scale_c + shift_c        (conv bias + BatchNorm folded into one per-channel affine, see hint_loss.py)
+    Z = relu(P) or P,  U = teacher tile
+and never write A, P or Z. Only small per-row / per-channel partial sums leave the tile, so the M × Ct regressor
+output costs no HBM traffic in the forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .hint_loss_common import (INTERPRET, check_runnable, dot_precision, fixed_meta, grouped_tile, needs_int64,
+                               row_offsets, tile_for, tuned, widen)
+
+
+@triton.jit
+def _regress_tile(s_ptr, s_rows, rows_ok, stride_sc, w_ptr, stride_wo, stride_wi, cols, cols_ok, CS,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
+                  PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, CS, BLOCK_K):
+        ks = widen(k0 + tl.arange(0, BLOCK_K), INDEX_64)
+        k_ok = ks < CS
+        x = tl.load(s_ptr + s_rows[:, None] + ks[None, :] * stride_sc, mask=rows_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_wo + ks[:, None] * stride_wi, mask=k_ok[:, None] & cols_ok[None, :],
+                    other=0.0)
+        if DOT_F32:  # the interpreter's bf16 dot is wrong: upcast there (and for fp32 inputs it is a no-op)
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _hint_fwd_kernel(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, part_ptr, M, CS, CT, HW, W,
+                     s_sn, s_sc, s_sh, s_sw, t_sn, t_sc, t_sh, t_sw, w_so, w_si,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     RELU: tl.constexpr, NORMALIZED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                     INDEX_64: tl.constexpr):
+    # Loss sums per row m of this tile's channel block j (part has shape (R, num_n, M), fp32):
+    #   NORMALIZED: Σ_c Z², Σ_c Z·U, Σ_c U²   → per sample ‖y‖², y·u, ‖u‖² → Σ_n ‖y/‖y‖ − u/‖u‖‖² / N
+    #   otherwise:  Σ_c (Z − U)²              → ½Σ/N (half_sq) or Σ/(M·Ct) (mse)
+    # Per tile: reads BLOCK_M×Cs of X, Cs×BLOCK_N of W, BLOCK_M×BLOCK_N of T; writes R·BLOCK_M fp32.
+    # Whole op: X is read Ct/BLOCK_N times (from L2 with grouped order), T once; 2·M·Cs·Ct FLOPs.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(CT, BLOCK_N)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
+    pid_m, pid_n = widen(pid_m, INDEX_64), widen(pid_n, INDEX_64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_ok, cols_ok = rows < M, cols < CT
+    acc = _regress_tile(s_ptr, row_offsets(rows, HW, W, s_sn, s_sh, s_sw), rows_ok, s_sc, w_ptr, w_so, w_si, cols,
+                        cols_ok, CS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PRECISION, INDEX_64)
+    scale = tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=cols_ok, other=0.0)
+    z = acc * scale[None, :] + shift[None, :]
+    if RELU:
+        z = tl.maximum(z, 0.0)
+    # No masking of Z needed: padded columns are exactly 0 (W, scale, shift and T load as 0) and padded rows only
+    # reach their own, unstored, row sums.
+    ok = rows_ok[:, None] & cols_ok[None, :]
+    t_rows = row_offsets(rows, HW, W, t_sn, t_sh, t_sw)
+    u = tl.load(t_ptr + t_rows[:, None] + cols[None, :] * t_sc, mask=ok, other=0.0).to(tl.float32)
+    out = part_ptr + pid_n * M + rows
+    if NORMALIZED:
+        tl.store(out, tl.sum(z * z, axis=1), mask=rows_ok)
+        tl.store(out + num_n * M, tl.sum(z * u, axis=1), mask=rows_ok)
+        tl.store(out + 2 * num_n * M, tl.sum(u * u, axis=1), mask=rows_ok)
+    else:
+        d = z - u
+        tl.store(out, tl.sum(d * d, axis=1), mask=rows_ok)
+
+
+@triton.jit
+def _hint_bwd_dp_kernel(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, center_ptr, coef_ptr, d_ptr, part_ptr,
+                        M, CS, CT, HW, W, NSAMPLES,
+                        s_sn, s_sc, s_sh, s_sw, t_sn, t_sc, t_sh, t_sw, w_so, w_si,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                        RELU: tl.constexpr, SUMS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                        INDEX_64: tl.constexpr):
+    # Gradient of the loss at P (before ReLU), per sample n = m // (H·W) with coefficients from the forward sums:
+    #   dL/dZ = α_n Z + β_n U    (normalized: α = 2(y·u)/(N‖y‖³‖u‖), β = −2/(N‖y‖‖u‖); half_sq: α = −β = g/N;
+    #                             mse: α = −β = 2g/(M·Ct); grad_output g folded into α, β)
+    #   dP = dL/dZ · [P > 0]     (ReLU), stored as D (M × Ct, row-major) for the dX and dW GEMMs.
+    # SUMS: per tile-row block, column sums Σ_m dP and Σ_m dP·(A − center) for BatchNorm's and the bias' gradients.
+    # Per tile: reads as the forward, writes BLOCK_M×BLOCK_N of D and 2·BLOCK_N fp32. Whole op: 2·M·Cs·Ct FLOPs.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(CT, BLOCK_N)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
+    pid_m, pid_n = widen(pid_m, INDEX_64), widen(pid_n, INDEX_64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_ok, cols_ok = rows < M, cols < CT
+    acc = _regress_tile(s_ptr, row_offsets(rows, HW, W, s_sn, s_sh, s_sw), rows_ok, s_sc, w_ptr, w_so, w_si, cols,
+                        cols_ok, CS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PRECISION, INDEX_64)
+    scale = tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=cols_ok, other=0.0)
+    p = acc * scale[None, :] + shift[None, :]
+    z = p
+    if RELU:
+        z = tl.maximum(p, 0.0)
+    ok = rows_ok[:, None] & cols_ok[None, :]
+    t_rows = row_offsets(rows, HW, W, t_sn, t_sh, t_sw)
+    u = tl.load(t_ptr + t_rows[:, None] + cols[None, :] * t_sc, mask=ok, other=0.0).to(tl.float32)
+    sample = rows // HW
+    alpha = tl.load(coef_ptr + sample, mask=rows_ok, other=0.0)
+    beta = tl.load(coef_ptr + NSAMPLES + sample, mask=rows_ok, other=0.0)
+    dp = alpha[:, None] * z + beta[:, None] * u
+    if RELU:
+        dp = tl.where(p > 0.0, dp, 0.0)
+    # Padded rows load α = β = 0 and padded columns have Z = U = 0, so dP is already 0 there for the column sums.
+    tl.store(d_ptr + rows[:, None] * CT + cols[None, :], dp.to(d_ptr.dtype.element_ty), mask=ok)
+    if SUMS:
+        center = tl.load(center_ptr + cols, mask=cols_ok, other=0.0)
+        tl.store(part_ptr + pid_m * CT + cols, tl.sum(dp, axis=0), mask=cols_ok)
+        tl.store(part_ptr + (num_m + pid_m) * CT + cols, tl.sum(dp * (acc - center[None, :]), axis=0), mask=cols_ok)
+
+
+_hint_fwd = tuned(_hint_fwd_kernel)
+_hint_bwd_dp = tuned(_hint_bwd_dp_kernel)
+
+
+def _layout_args(student: Tensor, teacher: Tensor, weight_lp: Tensor) -> tuple:
+    n, cs, h, w = student.shape
+    return (n * h * w, cs, teacher.shape[1], h * w, w, student.stride(0), student.stride(1), student.stride(2),
+            student.stride(3), teacher.stride(0), teacher.stride(1), teacher.stride(2), teacher.stride(3),
+            weight_lp.stride(0), weight_lp.stride(1))
+
+
+def hint_forward_sums(student: Tensor, teacher: Tensor, weight_lp: Tensor, scale: Tensor, shift: Tensor,
+                      relu: bool, normalized: bool) -> Tensor:
+    """Per-sample loss sums: (3, N) = (‖y‖², y·u, ‖u‖²) when normalized, else (1, N) = Σ (y − u)², float64."""
+    check_runnable(student, "the student feature")
+    n, _, h, w = student.shape
+    args = _layout_args(student, teacher, weight_lp)
+    m, ct = args[0], args[2]
+    block_m, block_n = tile_for(student.dtype)
+    num_n = triton.cdiv(ct, block_n)
+    part = torch.empty((3 if normalized else 1, num_n, m), device=student.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, block_m) * num_n,)
+    _hint_fwd[grid](student, teacher, weight_lp, scale, shift, part, *args, BLOCK_M=block_m, BLOCK_N=block_n,
+                    RELU=relu, NORMALIZED=normalized, DOT_F32=INTERPRET or student.dtype == torch.float32,
+                    PRECISION=dot_precision(student.dtype), INDEX_64=needs_int64(student, teacher, part),
+                    **fixed_meta())
+    return part.sum(dim=1, dtype=torch.float64).view(part.shape[0], n, h * w).sum(dim=2)
+
+
+def hint_backward_dp(student: Tensor, teacher: Tensor, weight_lp: Tensor, scale: Tensor, shift: Tensor, center: Tensor,
+                     coef: Tensor, relu: bool, sums: bool, grad_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """D = dL/dP as an (M, Ct) matrix of grad_dtype, and (Σ_m dP, Σ_m dP·(A − center)) per channel when sums."""
+    n = student.shape[0]
+    args = _layout_args(student, teacher, weight_lp)
+    m, ct = args[0], args[2]
+    block_m, block_n = tile_for(student.dtype)
+    num_m = triton.cdiv(m, block_m)
+    d = torch.empty((m, ct), device=student.device, dtype=grad_dtype)
+    part = torch.empty((2, num_m, ct) if sums else (0,), device=student.device, dtype=torch.float32)
+    grid = (num_m * triton.cdiv(ct, block_n),)
+    _hint_bwd_dp[grid](student, teacher, weight_lp, scale, shift, center, coef, d, part, *args[:5], n, *args[5:],
+                       BLOCK_M=block_m, BLOCK_N=block_n, RELU=relu, SUMS=sums,
+                       DOT_F32=INTERPRET or student.dtype == torch.float32, PRECISION=dot_precision(student.dtype),
+                       INDEX_64=needs_int64(student, teacher, d, part), **fixed_meta())
+    return d, (part.sum(dim=1) if sums else None)
