@@ -43,6 +43,13 @@ def _device_of(module: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+def fusable(connector: nn.Module) -> bool:
+    """Whether the fused hint op covers this connector (1×1 ones); others, e.g. k×k paper regressors, run unfused."""
+    from fastfit.kernels import supports_connector
+
+    return supports_connector(connector)
+
+
 class TeacherModel(nn.Module):
     """The frozen teacher's taps for one stage: hint features and/or logits, nothing past the last one needed."""
 
@@ -71,8 +78,9 @@ class StageModel(nn.Module):
         self.hints = list(recipe.hints) if stage.use_hints else []
         paths = sorted({h.student for h in self.hints})
         self.extractor = build_extractor(student, paths, logits=not stage.truncated)
-        self.hint_losses = nn.ModuleList(HintLoss(connectors[hint_key(i)], h.loss, fused=fused_hint)
-                                         for i, h in enumerate(self.hints))
+        self.hint_losses = nn.ModuleList(
+            HintLoss(connectors[hint_key(i)], h.loss, fused=fused_hint and fusable(connectors[hint_key(i)]))
+            for i, h in enumerate(self.hints))
         self.kd = None
         if stage.use_kd:
             kd = recipe.kd

@@ -105,8 +105,11 @@ class HintLoss(nn.Module):
             raise ValueError(f"expected hint loss kind in {HINT_KINDS}, got {kind!r}")
         self.connector, self.kind, self.fused = connector, kind, fused
         if fused:
-            from fastfit.kernels import fused_connector_hint_loss  # imported only when asked: it pulls in Triton
+            from fastfit.kernels import fused_connector_hint_loss, supports_connector  # only when asked: pulls in Triton
 
+            if not supports_connector(connector):
+                raise ValueError(f"expected a connector the fused hint op supports (1×1 conv [+ BatchNorm2d] [+ ReLU]), "
+                                 f"got {connector}; use fused=False for it")
             self._fused_hint_loss = fused_connector_hint_loss
 
     def forward(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:

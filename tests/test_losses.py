@@ -118,3 +118,9 @@ def test_hint_module_applies_connector_then_loss():
     s, u = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
     want = hint_loss_reference(conv(s), u, "half_sq")
     assert HintLoss(conv, "half_sq")(s, u).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_fused_hint_loss_refuses_a_connector_it_cannot_fuse():
+    regressor = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.ReLU())
+    with pytest.raises(ValueError, match=r"expected a connector the fused hint op supports .*use fused=False"):
+        HintLoss(regressor, "half_sq", fused=True)
