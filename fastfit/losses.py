@@ -109,7 +109,7 @@ class HintLoss(nn.Module):
 
             if not supports_connector(connector):
                 raise ValueError(f"expected a connector the fused hint op supports (1×1 conv [+ BatchNorm2d] [+ ReLU]), "
-                                 f"got {connector}; use fused=False for it")
+                                 f"got {' → '.join(map(repr, connector.children())) or repr(connector)}; use fused=False for it")
             self._fused_hint_loss = fused_connector_hint_loss
 
     def forward(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
