@@ -63,15 +63,16 @@ def _update_stats(s, t, mask, inv_tau, m_s, d_a, m_t, d_b, acc, d_1, sum_s, KL: 
 
 
 @triton.jit
-def _store_grad(g_row, offs, mask, s, t, inv_tau, m_s, log_d_a, m_t, log_d_b, grad_scale):
-    g = grad_scale * (tl.exp((s - m_s) * inv_tau - log_d_a) - tl.exp((t - m_t) * inv_tau - log_d_b))
+def _store_grad(g_row, offs, mask, s, t, inv_tau, m_s, log_d_a, m_t, log_d_b):
+    # P_S − P_T unscaled: ~kd_scale/τ (1e-7 for "mean") would be fp16 subnormals; backward applies the scale in fp32.
+    g = tl.exp((s - m_s) * inv_tau - log_d_a) - tl.exp((t - m_t) * inv_tau - log_d_b)
     tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _kd_loss_fwd_kernel(
     s_ptr, s_stride, t_ptr, t_stride, y_ptr, y_stride, g_ptr, g_stride, rows_ptr, lse_ptr,
-    N, C, inv_tau, grad_scale, eps,
+    N, C, inv_tau, eps,
     BLOCK_C: tl.constexpr, ONE_BLOCK: tl.constexpr, KL: tl.constexpr, HAS_LABELS: tl.constexpr,
     STORE_GRAD: tl.constexpr,
 ):
@@ -83,9 +84,10 @@ def _kd_loss_fwd_kernel(
     # Online (streaming) max/sum in fp32 for the student at τ and at 1 and the teacher at τ, in one sweep over C.
     # Traffic per row of C elements of e bytes (N·C·e is one "Ce" for the batch):
     #   forward   reads s, t: 2Ce once when C ≤ MAX_ONE_BLOCK_C (the row stays in registers for the gradient),
-    #             4Ce beyond (the gradient sweep re-reads the row, mostly from L2); writes dKD/ds: Ce, only when
-    #             the student needs a gradient; per row 4 B kd + 4 B ce + 8 B (m_s, log d_1) + reads the 8 B label.
-    #   backward  reads dKD/ds (Ce), with labels also s (Ce) to rebuild dCE/ds = softmax(s) − target from the
+    #             4Ce beyond (the gradient sweep re-reads the row, mostly from L2); writes P_S − P_T (dKD/ds up to
+    #             a constant): Ce, only when the student needs a gradient; per row 4 B kd, 4 B ce, 8 B (m_s, log d_1)
+    #             and reads the 8 B label.
+    #   backward  reads P_S − P_T (Ce), with labels also s (Ce) to rebuild dCE/ds = softmax(s) − target from the
     #             saved (m_s, log d_1), writes grad_s (Ce). fwd+bwd: 5Ce without labels, 6Ce with.
     # kd and ce have independent grad_outputs, so one pre-combined gradient cannot serve both. Storing dCE/ds as well
     # costs 7Ce (2Ce written, 2Ce re-read); 8 B/row plus a re-read of s is the cheaper way to keep backward a single
@@ -123,13 +125,13 @@ def _kd_loss_fwd_kernel(
     tl.store(rows_ptr + row, kd_row)
     if STORE_GRAD:
         if ONE_BLOCK:
-            _store_grad(g_row, cols, mask, s, t, inv_tau, m_s, log_d_a, m_t, log_d_b, grad_scale)
+            _store_grad(g_row, cols, mask, s, t, inv_tau, m_s, log_d_a, m_t, log_d_b)
         else:
             for start in range(0, C, BLOCK_C):
                 offs = start + cols
                 mask = offs < C
                 s, t = _load_block(s_row, t_row, offs, mask)
-                _store_grad(g_row, offs, mask, s, t, inv_tau, m_s, log_d_a, m_t, log_d_b, grad_scale)
+                _store_grad(g_row, offs, mask, s, t, inv_tau, m_s, log_d_a, m_t, log_d_b)
     if HAS_LABELS:
         y = tl.load(y_ptr + row * y_stride)
         valid = y != IGNORE_INDEX
@@ -174,14 +176,15 @@ def _kd_loss_reduce_kernel(rows_ptr, y_ptr, y_stride, kd_ptr, ce_ptr, n_valid_pt
 @triton.jit
 def _kd_loss_bwd_kernel(
     gkd_ptr, gkd_stride, s_ptr, s_stride, y_ptr, y_stride, lse_ptr, out_ptr, out_stride,
-    grad_kd_ptr, grad_ce_ptr, n_valid_ptr, C, eps,
+    grad_kd_ptr, grad_ce_ptr, n_valid_ptr, C, kd_grad_scale, eps,
     BLOCK_C: tl.constexpr, HAS_LABELS: tl.constexpr,
 ):
-    # grad_s = grad_kd · dKD/ds (saved by the forward) + grad_ce · (softmax(s) − (1−ε)·onehot(y) − ε/C) / n_valid.
-    # Per row: read Ce (dKD/ds), + Ce (s) with labels, write Ce. grad_outputs are read on the device: no host sync.
+    # grad_s = grad_kd · kd_scale/τ · (P_S − P_T) (saved by the forward)
+    #        + grad_ce · (softmax(s) − (1−ε)·onehot(y) − ε/C) / n_valid.
+    # Per row: read Ce (P_S − P_T), + Ce (s) with labels, write Ce. grad_outputs are read on the device: no host sync.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
-    g_kd = tl.load(grad_kd_ptr)
+    g_kd = tl.load(grad_kd_ptr) * kd_grad_scale
     if HAS_LABELS:
         y = tl.load(y_ptr + row * y_stride)
         m_s = tl.load(lse_ptr + 2 * row)
@@ -208,11 +211,15 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _kd_scale(n: int, c: int, temperature: float, reduction: str, tau_squared: bool) -> float:
+    return (temperature**2 if tau_squared else 1.0) / {"batchmean": n, "mean": n * c, "sum": 1}[reduction]
+
+
 def _kd_loss_forward(s: Tensor, t: Tensor, labels: Optional[Tensor], temperature: float, reduction: str,
                      tau_squared: bool, form: str, label_smoothing: float, store_grad: bool):
     n, c = s.shape
     has_labels = labels is not None
-    kd_scale = (temperature**2 if tau_squared else 1.0) / {"batchmean": n, "mean": n * c, "sum": 1}[reduction]
+    kd_scale = _kd_scale(n, c, temperature, reduction, tau_squared)
     f32 = {"dtype": torch.float32, "device": s.device}
     rows = torch.empty((2 if has_labels else 1) * n, **f32)  # per-row kd, then per-row ce
     grad = torch.empty((n, c) if store_grad else (0,), dtype=s.dtype, device=s.device)
@@ -224,7 +231,7 @@ def _kd_loss_forward(s: Tensor, t: Tensor, labels: Optional[Tensor], temperature
     with _device_guard(s.device):
         _kd_loss_fwd_kernel[(n,)](
             s, s.stride(0), t, t.stride(0), y, y_stride, grad, c if store_grad else 0, rows, lse,
-            n, c, 1.0 / temperature, kd_scale / temperature, label_smoothing,
+            n, c, 1.0 / temperature, label_smoothing,
             BLOCK_C=block_c, ONE_BLOCK=one_block, KL=form == "kl", HAS_LABELS=has_labels, STORE_GRAD=store_grad,
             num_warps=_num_warps(block_c))
         _kd_loss_reduce_kernel[(1,)](rows, y, y_stride, kd, ce, n_valid, n, kd_scale, BLOCK_N=REDUCE_BLOCK_N,
@@ -233,8 +240,10 @@ def _kd_loss_forward(s: Tensor, t: Tensor, labels: Optional[Tensor], temperature
 
 
 def _kd_loss_backward(grad_buf: Tensor, s: Optional[Tensor], labels: Optional[Tensor], lse: Tensor, n_valid: Tensor,
-                      grad_kd: Tensor, grad_ce: Tensor, label_smoothing: float) -> Tensor:
+                      grad_kd: Tensor, grad_ce: Tensor, temperature: float, reduction: str, tau_squared: bool,
+                      label_smoothing: float) -> Tensor:
     n, c = grad_buf.shape
+    kd_grad_scale = _kd_scale(n, c, temperature, reduction, tau_squared) / temperature
     out = torch.empty_like(grad_buf)
     has_labels = labels is not None
     s_arg, s_stride = (s, s.stride(0)) if has_labels else (grad_buf, 0)  # placeholders, never read without labels
@@ -242,7 +251,8 @@ def _kd_loss_backward(grad_buf: Tensor, s: Optional[Tensor], labels: Optional[Te
     block_c = min(triton.next_power_of_2(c), TWO_PASS_BLOCK_C)
     with _device_guard(grad_buf.device):
         _kd_loss_bwd_kernel[(n,)](
-            grad_buf, c, s_arg, s_stride, y, y_stride, lse, out, c, grad_kd, grad_ce, n_valid, c, label_smoothing,
+            grad_buf, c, s_arg, s_stride, y, y_stride, lse, out, c, grad_kd, grad_ce, n_valid, c, kd_grad_scale,
+            label_smoothing,
             BLOCK_C=block_c, HAS_LABELS=has_labels, num_warps=_num_warps(block_c))
     return out
 
@@ -264,19 +274,21 @@ def _(s, t, labels, temperature, reduction, tau_squared, form, label_smoothing, 
 
 @torch.library.custom_op("fastfit::kd_loss_bwd", mutates_args=())
 def _kd_loss_bwd_op(grad_buf: Tensor, s: Optional[Tensor], labels: Optional[Tensor], lse: Tensor, n_valid: Tensor,
-                    grad_kd: Tensor, grad_ce: Tensor, label_smoothing: float) -> Tensor:
-    return _kd_loss_backward(grad_buf, s, labels, lse, n_valid, grad_kd, grad_ce, label_smoothing)
+                    grad_kd: Tensor, grad_ce: Tensor, temperature: float, reduction: str, tau_squared: bool,
+                    label_smoothing: float) -> Tensor:
+    return _kd_loss_backward(grad_buf, s, labels, lse, n_valid, grad_kd, grad_ce, temperature, reduction, tau_squared,
+                             label_smoothing)
 
 
 @_kd_loss_bwd_op.register_fake
-def _(grad_buf, s, labels, lse, n_valid, grad_kd, grad_ce, label_smoothing):
+def _(grad_buf, s, labels, lse, n_valid, grad_kd, grad_ce, temperature, reduction, tau_squared, label_smoothing):
     return torch.empty_like(grad_buf)
 
 
 def _setup_context(ctx, inputs, output):
-    s, _t, labels, _tau, _red, _tau_sq, _form, label_smoothing, store_grad = inputs
+    s, _t, labels, temperature, reduction, tau_squared, _form, label_smoothing, store_grad = inputs
     _kd, _ce, grad_buf, lse, n_valid = output
-    ctx.store_grad, ctx.label_smoothing = store_grad, label_smoothing
+    ctx.store_grad, ctx.scalars = store_grad, (temperature, reduction, tau_squared, label_smoothing)
     if store_grad:  # s is kept only when ce's gradient must be rebuilt from it
         ctx.save_for_backward(grad_buf, s if labels is not None else None, labels, lse, n_valid)
 
@@ -288,7 +300,7 @@ def _backward(ctx, grad_kd, grad_ce, _grad_buf, _grad_lse, _grad_n_valid):
     zero = grad_buf.new_zeros((), dtype=torch.float32)
     grad_kd = zero if grad_kd is None else grad_kd.float()
     grad_ce = zero if grad_ce is None else grad_ce.float()
-    grad_s = _kd_loss_bwd_op(grad_buf, s, labels, lse, n_valid, grad_kd, grad_ce, ctx.label_smoothing)
+    grad_s = _kd_loss_bwd_op(grad_buf, s, labels, lse, n_valid, grad_kd, grad_ce, *ctx.scalars)
     return (grad_s,) + (None,) * 8
 
 
