@@ -222,7 +222,7 @@ def test_noncontiguous_rows():
     assert torch.count_nonzero(base_s.grad[:, :3]) == 0 and torch.count_nonzero(base_s.grad[:, c + 3:]) == 0
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])  # inductor: what the trainer compiles with
 def test_compile_fullgraph(backend):
     torch._dynamo.reset()
 
