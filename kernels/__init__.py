@@ -11,5 +11,6 @@ reference math or these ops. On a machine without CUDA they run through Triton's
 """
 
 from .hint_loss import fused_connector_hint_loss, fused_hint_loss, supports_connector
+from .kd_loss import fused_kd_loss
 
-__all__ = ["fused_hint_loss", "fused_connector_hint_loss", "supports_connector"]
+__all__ = ["fused_kd_loss", "fused_hint_loss", "fused_connector_hint_loss", "supports_connector"]
