@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from fastfit.config import ConfigError, load_config, shipped_configs_dir, to_toml
 from fastfit.errors import FastfitError

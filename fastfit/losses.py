@@ -13,7 +13,6 @@ reduced by `batchmean` (/N), `mean` (/(N·C), MMRazor) or `sum`, times τ² when
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

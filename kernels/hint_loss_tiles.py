@@ -38,16 +38,10 @@ def _regress_tile(s_ptr, s_rows, rows_ok, stride_sc, w_ptr, stride_wo, stride_wi
 
 
 @triton.jit
-def _hint_fwd_kernel(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, part_ptr, M, CS, CT, HW, W,
-                     s_sn, s_sc, s_sh, s_sw, t_sn, t_sc, t_sh, t_sw, w_so, w_si,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     RELU: tl.constexpr, NORMALIZED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                     INDEX_64: tl.constexpr):
-    # Loss sums per row m of this tile's channel block j (part has shape (R, num_n, M), fp32):
-    #   NORMALIZED: Σ_c Z², Σ_c Z·U, Σ_c U²   → per sample ‖y‖², y·u, ‖u‖² → Σ_n ‖y/‖y‖ − u/‖u‖‖² / N
-    #   otherwise:  Σ_c (Z − U)²              → ½Σ/N (half_sq) or Σ/(M·Ct) (mse)
-    # Per tile: reads BLOCK_M×Cs of X, Cs×BLOCK_N of W, BLOCK_M×BLOCK_N of T; writes R·BLOCK_M fp32.
-    # Whole op: X is read Ct/BLOCK_N times (from L2 with grouped order), T once; 2·M·Cs·Ct FLOPs.
+def _tile(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, M, CS, CT, HW, W, s_sn, s_sc, s_sh, s_sw, t_sn, t_sc, t_sh, t_sw,
+          w_so, w_si, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+          DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
+    """This program's output tile, shared by both kernels: A = X Wᵀ, P = A·scale + shift and the teacher tile U."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(CT, BLOCK_N)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -59,14 +53,32 @@ def _hint_fwd_kernel(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, part_ptr, M, CS,
                         cols_ok, CS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PRECISION, INDEX_64)
     scale = tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=cols_ok, other=0.0)
-    z = acc * scale[None, :] + shift[None, :]
+    p = acc * scale[None, :] + shift[None, :]
+    ok = rows_ok[:, None] & cols_ok[None, :]
+    t_rows = row_offsets(rows, HW, W, t_sn, t_sh, t_sw)
+    u = tl.load(t_ptr + t_rows[:, None] + cols[None, :] * t_sc, mask=ok, other=0.0).to(tl.float32)
+    return num_m, num_n, pid_m, pid_n, rows, cols, rows_ok, cols_ok, ok, acc, p, u
+
+
+@triton.jit
+def _hint_fwd_kernel(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, part_ptr, M, CS, CT, HW, W,
+                     s_sn, s_sc, s_sh, s_sw, t_sn, t_sc, t_sh, t_sw, w_so, w_si,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     RELU: tl.constexpr, NORMALIZED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                     INDEX_64: tl.constexpr):
+    # Loss sums per row m of this tile's channel block j (part has shape (R, num_n, M), fp32):
+    #   NORMALIZED: Σ_c Z², Σ_c Z·U, Σ_c U²   → per sample ‖y‖², y·u, ‖u‖² → Σ_n ‖y/‖y‖ − u/‖u‖‖² / N
+    #   otherwise:  Σ_c (Z − U)²              → ½Σ/N (half_sq) or Σ/(M·Ct) (mse)
+    # Per tile: reads BLOCK_M×Cs of X, Cs×BLOCK_N of W, BLOCK_M×BLOCK_N of T; writes R·BLOCK_M fp32.
+    # Whole op: X is read Ct/BLOCK_N times (from L2 with grouped order), T once; 2·M·Cs·Ct FLOPs.
+    num_m, num_n, pid_m, pid_n, rows, cols, rows_ok, cols_ok, ok, acc, p, u = _tile(
+        s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, M, CS, CT, HW, W, s_sn, s_sc, s_sh, s_sw, t_sn, t_sc, t_sh, t_sw,
+        w_so, w_si, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, DOT_F32, PRECISION, INDEX_64)
+    z = p
     if RELU:
         z = tl.maximum(z, 0.0)
     # No masking of Z needed: padded columns are exactly 0 (W, scale, shift and T load as 0) and padded rows only
     # reach their own, unstored, row sums.
-    ok = rows_ok[:, None] & cols_ok[None, :]
-    t_rows = row_offsets(rows, HW, W, t_sn, t_sh, t_sw)
-    u = tl.load(t_ptr + t_rows[:, None] + cols[None, :] * t_sc, mask=ok, other=0.0).to(tl.float32)
     out = part_ptr + pid_n * M + rows
     if NORMALIZED:
         tl.store(out, tl.sum(z * z, axis=1), mask=rows_ok)
@@ -90,24 +102,12 @@ def _hint_bwd_dp_kernel(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, center_ptr, c
     #   dP = dL/dZ · [P > 0]     (ReLU), stored as D (M × Ct, row-major) for the dX and dW GEMMs.
     # SUMS: per tile-row block, column sums Σ_m dP and Σ_m dP·(A − center) for BatchNorm's and the bias' gradients.
     # Per tile: reads as the forward, writes BLOCK_M×BLOCK_N of D and 2·BLOCK_N fp32. Whole op: 2·M·Cs·Ct FLOPs.
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(CT, BLOCK_N)
-    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
-    pid_m, pid_n = widen(pid_m, INDEX_64), widen(pid_n, INDEX_64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_ok, cols_ok = rows < M, cols < CT
-    acc = _regress_tile(s_ptr, row_offsets(rows, HW, W, s_sn, s_sh, s_sw), rows_ok, s_sc, w_ptr, w_so, w_si, cols,
-                        cols_ok, CS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PRECISION, INDEX_64)
-    scale = tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)
-    shift = tl.load(shift_ptr + cols, mask=cols_ok, other=0.0)
-    p = acc * scale[None, :] + shift[None, :]
+    num_m, num_n, pid_m, pid_n, rows, cols, rows_ok, cols_ok, ok, acc, p, u = _tile(
+        s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, M, CS, CT, HW, W, s_sn, s_sc, s_sh, s_sw, t_sn, t_sc, t_sh, t_sw,
+        w_so, w_si, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, DOT_F32, PRECISION, INDEX_64)
     z = p
     if RELU:
         z = tl.maximum(p, 0.0)
-    ok = rows_ok[:, None] & cols_ok[None, :]
-    t_rows = row_offsets(rows, HW, W, t_sn, t_sh, t_sw)
-    u = tl.load(t_ptr + t_rows[:, None] + cols[None, :] * t_sc, mask=ok, other=0.0).to(tl.float32)
     sample = rows // HW
     alpha = tl.load(coef_ptr + sample, mask=rows_ok, other=0.0)
     beta = tl.load(coef_ptr + NSAMPLES + sample, mask=rows_ok, other=0.0)

@@ -19,7 +19,8 @@ from fastfit.data.dali import build_dali_loaders, dali_reason, read_file_list, r
 from fastfit.data.torchvision import ShardedSampler, build_torchvision_loaders  # noqa: E402
 from fastfit.dist import DistEnv  # noqa: E402
 
-MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+from constant_images import MEAN, STD, constant_split, identities  # noqa: E402
+
 SKLEARN_IMAGES = Path(__import__("sklearn.datasets").datasets.__file__).parent / "images"
 
 
@@ -33,36 +34,12 @@ def _cfg(root: Path, **overrides) -> DataConfig:
     return DataConfig(**{**base, **overrides})
 
 
-def _identity_colour(k: int) -> tuple[int, int, int]:
-    return (8 + 6 * (k % 40), 8 + 6 * (k // 40), 128)
-
-
-def _identities(images: torch.Tensor) -> list[int]:
-    """The k of each constant image, read back from its centre pixel after normalization."""
-    centre = images[:, :, images.shape[2] // 2, images.shape[3] // 2].double()
-    raw = (centre * torch.tensor(STD, dtype=torch.float64) + torch.tensor(MEAN, dtype=torch.float64)) * 255
-    return [int(round((r - 8) / 6)) + 40 * int(round((g - 8) / 6)) for r, g, _ in raw.tolist()]
-
-
-def _constant_split(root: Path, split: str, counts: dict[str, int]) -> dict[str, int]:
-    """Constant-colour PNGs (colour = identity k, in ImageFolder listing order) of assorted sizes; path → k."""
-    paths, k = {}, 0
-    for name in sorted(counts):
-        (root / split / name).mkdir(parents=True)
-        for i in range(counts[name]):
-            path = root / split / name / f"{i:03d}.png"
-            Image.fromarray(np.full((12 + i % 5, 14 + i % 3, 3), _identity_colour(k), np.uint8)).save(path)
-            paths[str(path)] = k
-            k += 1
-    return paths
-
-
 @pytest.fixture
 def constant_root(tmp_path):
     # Class folder names whose sorted order differs from creation and numeric order: "10" < "9" < "B" < "a".
     root = tmp_path / "constant"
-    _constant_split(root, "train", {"a": 5, "9": 4, "B": 6, "10": 6})   # 21 training images
-    _constant_split(root, "val", {"a": 3, "9": 3, "B": 2, "10": 3})     # 11 val images: odd
+    constant_split(root, "train", {"a": 5, "9": 4, "B": 6, "10": 6})   # 21 training images
+    constant_split(root, "val", {"a": 3, "9": 3, "B": 2, "10": 3})     # 11 val images: odd
     return root
 
 
@@ -90,7 +67,7 @@ def test_batches_have_the_contract_shape_dtype_and_layout(constant_root, augment
         assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         assert labels.dtype == torch.int64 and labels.shape == images.shape[:1]
     # Constant images stay constant through any crop, resize and flip: identities survive augmentation.
-    seen = [k for images, _ in batches for k in _identities(images)]
+    seen = [k for images, _ in batches for k in identities(images)]
     assert len(set(seen)) == 20 and set(seen) <= set(range(21))
 
 
@@ -148,7 +125,7 @@ def test_labels_and_classes_match_torchvision_image_folder(constant_root):
         _, val, classes = build_dali_loaders(_cfg(constant_root, val_dir=split), _env(), constant_root,
                                              batch_size=3, seed=0, channels_last=True)
         assert classes == reference.classes
-        got = [(k, label) for images, labels in val for k, label in zip(_identities(images), labels.tolist())]
+        got = [(k, label) for images, labels in val for k, label in zip(identities(images), labels.tolist())]
         assert got == [(k, target) for k, target in enumerate(reference.targets)]
 
 
@@ -157,7 +134,7 @@ def test_val_two_ranks_cover_an_odd_set_exactly_once(constant_root):
     for rank in range(2):
         _, val, _ = build_dali_loaders(_cfg(constant_root), _env(rank, 2), constant_root, batch_size=4, seed=0,
                                        channels_last=True)
-        seen = [k for images, _ in val for k in _identities(images)]
+        seen = [k for images, _ in val for k in identities(images)]
         assert len(seen) == val.num_samples
         parts.append(seen)
     assert [len(p) for p in parts] == [6, 5]
@@ -169,13 +146,13 @@ def test_train_sharding_matches_torchvision_and_one_rank_global_batches(constant
     one, _, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=8, seed=3,
                                    channels_last=True)
     for epoch in (0, 1):
-        global_batches = [_identities(images) for images, _ in one.epoch(epoch)]
+        global_batches = [identities(images) for images, _ in one.epoch(epoch)]
         ranks = []
         for rank in range(2):
             train, _, _ = build_dali_loaders(_cfg(constant_root), _env(rank, 2), constant_root, batch_size=4, seed=3,
                                              channels_last=True)
             assert train.steps_per_epoch == 2
-            ranks.append([_identities(images) for images, _ in train.epoch(epoch)])
+            ranks.append([identities(images) for images, _ in train.epoch(epoch)])
             sampler = ShardedSampler(21, _env(rank, 2), seed=3, shuffle=True, batch_size=4)
             sampler.set_epoch(epoch)
             assert sum(ranks[-1], []) == [i for _, i in sampler]   # the torchvision backend's order, exactly
@@ -183,7 +160,7 @@ def test_train_sharding_matches_torchvision_and_one_rank_global_batches(constant
         for step in range(2):
             assert sorted(ranks[0][step] + ranks[1][step]) == sorted(global_batches[step])
             assert ranks[0][step] == global_batches[step][0::2] and ranks[1][step] == global_batches[step][1::2]
-    assert [_identities(x) for x, _ in one.epoch(0)] != [_identities(x) for x, _ in one.epoch(1)]
+    assert [identities(x) for x, _ in one.epoch(0)] != [identities(x) for x, _ in one.epoch(1)]
 
 
 def test_epochs_are_deterministic_and_resume_keeps_the_order(photo_root, constant_root):
@@ -199,8 +176,8 @@ def test_epochs_are_deterministic_and_resume_keeps_the_order(photo_root, constan
     # Mid-epoch resume: the remaining batches hold exactly the samples of the uninterrupted epoch.
     train, _, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=2,
                                      channels_last=True)
-    full = [(_identities(x), y.tolist()) for x, y in train.epoch(4)]
-    assert [(_identities(x), y.tolist()) for x, y in train.epoch(4, start_step=3)] == full[3:]
+    full = [(identities(x), y.tolist()) for x, y in train.epoch(4)]
+    assert [(identities(x), y.tolist()) for x, y in train.epoch(4, start_step=3)] == full[3:]
     assert list(train.epoch(4, start_step=5)) == []
     with pytest.raises(DataError, match=r"start_step must be in \[0, 5\] \(steps per epoch\), got -1"):
         next(train.epoch(4, start_step=-1))
@@ -268,7 +245,7 @@ def test_file_list_form(constant_root, tmp_path):
                                              channels_last=True, train_list=listing, val_list=val_listing)
     assert classes == ["0", "1", "2", "3", "4"] and train.steps_per_epoch == 5
     for images, labels in train.epoch(0):
-        assert [k % 3 for k in _identities(images)] == labels.tolist()   # identity k is listing position here
+        assert [k % 3 for k in identities(images)] == labels.tolist()   # identity k is listing position here
     assert [labels.tolist() for _, labels in val] == [[4, 4, 4]]
     # A list for one split, the folder for the other: class names come from the folders.
     train, val, classes = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0,
@@ -321,10 +298,10 @@ def test_skip_bad_substitutes_train_and_drops_val_like_torchvision(constant_root
                                                     channels_last=True)
     assert train.bad_files == [str(bad_train)] and val.bad_files == [str(bad_val)]
     for epoch in range(3):
-        dali_ids = [_identities(x) for x, _ in train.epoch(epoch)]
-        assert dali_ids == [_identities(x) for x, _ in tv_train.epoch(epoch)]
-    assert sorted(k for x, _ in val for k in _identities(x)) == list(range(11)) and val.num_samples == 11
-    assert sorted(k for x, _ in tv_val for k in _identities(x)) == list(range(11))
+        dali_ids = [identities(x) for x, _ in train.epoch(epoch)]
+        assert dali_ids == [identities(x) for x, _ in tv_train.epoch(epoch)]
+    assert sorted(k for x, _ in val for k in identities(x)) == list(range(11)) and val.num_samples == 11
+    assert sorted(k for x, _ in tv_val for k in identities(x)) == list(range(11))
 
 
 def test_decode_failure_at_run_time_is_named_or_skipped(constant_root, monkeypatch):
@@ -340,7 +317,7 @@ def test_decode_failure_at_run_time_is_named_or_skipped(constant_root, monkeypat
     _, val, _ = build_dali_loaders(_cfg(constant_root, skip_bad=True), _env(), constant_root, batch_size=4, seed=0,
                                    channels_last=True)
     assert val.num_samples == 12
-    seen = [k for x, _ in val for k in _identities(x)]
+    seen = [k for x, _ in val for k in identities(x)]
     assert sorted(seen) == list(range(11)) and val.bad_files == [str(bad)] and val.num_samples == 11
 
 
@@ -358,7 +335,7 @@ def test_train_decode_failure_at_run_time_substitutes_like_torchvision(constant_
     train, _, _ = build_dali_loaders(cfg, _env(), constant_root, batch_size=2, seed=1, channels_last=True)
     tv_train, _, _ = build_torchvision_loaders(cfg, _env(), constant_root, batch_size=2, seed=1, channels_last=True)
     for epoch in range(2):
-        assert [_identities(x) for x, _ in train.epoch(epoch)] == [_identities(x) for x, _ in tv_train.epoch(epoch)]
+        assert [identities(x) for x, _ in train.epoch(epoch)] == [identities(x) for x, _ in tv_train.epoch(epoch)]
     assert train.bad_files == tv_train.bad_files == [str(bad)]
 
 

@@ -12,35 +12,11 @@ from fastfit.data import DataError
 from fastfit.data.torchvision import ShardedSampler, balanced_subset, build_torchvision_loaders
 from fastfit.dist import DistEnv
 
-MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+from constant_images import MEAN, STD, constant_split, identities
 
 
 def _env(rank: int = 0, world: int = 1) -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
-
-
-def _identity_colour(k: int) -> tuple[int, int, int]:
-    return (8 + 6 * (k % 40), 8 + 6 * (k // 40), 128)
-
-
-def _identities(images: torch.Tensor) -> list[int]:
-    """The k of each constant image, read back from its centre pixel after normalization."""
-    centre = images[:, :, images.shape[2] // 2, images.shape[3] // 2].double()
-    raw = (centre * torch.tensor(STD, dtype=torch.float64) + torch.tensor(MEAN, dtype=torch.float64)) * 255
-    return [int(round((r - 8) / 6)) + 40 * int(round((g - 8) / 6)) for r, g, _ in raw.tolist()]
-
-
-def _constant_split(root: Path, split: str, counts: dict[str, int]) -> dict[str, int]:
-    """Constant-colour PNGs (colour = identity k, k in listing order); returns path → k."""
-    paths, k = {}, 0
-    for name in sorted(counts):
-        (root / split / name).mkdir(parents=True)
-        for i in range(counts[name]):
-            path = root / split / name / f"{i:03d}.png"
-            Image.fromarray(np.full((12 + i % 5, 14 + i % 3, 3), _identity_colour(k), np.uint8)).save(path)
-            paths[str(path)] = k
-            k += 1
-    return paths
 
 
 def _cfg(root: Path, **overrides) -> DataConfig:
@@ -50,8 +26,8 @@ def _cfg(root: Path, **overrides) -> DataConfig:
 
 @pytest.fixture
 def constant_root(tmp_path):
-    _constant_split(tmp_path, "train", {"a": 5, "b": 6, "c": 6})   # 17 training images
-    _constant_split(tmp_path, "val", {"a": 3, "b": 2, "c": 2})     # 7 val images
+    constant_split(tmp_path, "train", {"a": 5, "b": 6, "c": 6})   # 17 training images
+    constant_split(tmp_path, "val", {"a": 3, "b": 2, "c": 2})     # 7 val images
     return tmp_path
 
 
@@ -172,9 +148,9 @@ def test_bad_file_is_named_or_skipped_and_counted(constant_root):
     order = [i for _, i in sampler]
     expected = [position + 1 if i == position else i for i in order]
     identity_of_position = [i - (i > position) for i in range(len(listing))]  # the bad file has no colour
-    seen = [k for images, _ in train.epoch(0) for k in _identities(images)]
+    seen = [k for images, _ in train.epoch(0) for k in identities(images)]
     assert seen == [identity_of_position[i] for i in expected]
     assert train.bad_files == [str(bad_train)]   # 18 files, batch 2: every position is in the epoch
     # Val: dropped, every other sample exactly once, num_samples says so.
-    seen = sorted(k for images, _ in val for k in _identities(images))
+    seen = sorted(k for images, _ in val for k in identities(images))
     assert seen == list(range(7)) and val.num_samples == 7 and val.bad_files == [str(bad_val)]
