@@ -38,7 +38,10 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
         header = handle.read(8)
         got_magic, count = struct.unpack(">II", header)
         if got_magic != magic:
-            raise ValueError(f"{path}: not an IDX file (magic {got_magic:#x}, expected {magic:#x})")
+            from fastfit.data import DataError
+
+            raise DataError(f"{path}: not an IDX file (magic {got_magic:#x}, expected {magic:#x}); reinstall the "
+                            "Debian package dataset-fashion-mnist")
         if magic == 0x803:
             rows, cols = struct.unpack(">II", handle.read(8))
             return np.frombuffer(handle.read(), dtype=np.uint8).reshape(count, rows, cols)
