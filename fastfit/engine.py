@@ -494,11 +494,10 @@ def train(cfg: Config, resume: str | None = None, log: Log | None = None) -> dic
             if resume is None and restart_count() > 0:
                 resume = "auto"
                 log(f"torchrun restart {restart_count()}: resuming from the newest checkpoint in {run.out}")
+            # None only for no --resume, or "auto" with no checkpoint yet; a missing file or folder raises.
             path = ckpt.resolve_resume(resume, run.out / "checkpoints") if resume else None
             if path is not None:
                 restore(run, path)
-            elif resume and resume != "auto":
-                raise ckpt.CheckpointError(f"--resume {resume}: nothing to resume from")
             else:
                 _start_fresh(run)
             summary = fit(run)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from fastfit.config import ConfigError
 
@@ -76,7 +76,7 @@ class StopSignals:
     def _handle(self, signum, _frame) -> None:
         self.request(signal.Signals(signum).name)
 
-    def __enter__(self) -> StopSignals:
+    def __enter__(self) -> Self:
         # Handlers can only be set from the main thread; a run started from another thread keeps default handling.
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:

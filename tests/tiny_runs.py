@@ -128,4 +128,4 @@ def torchrun(nproc: int, config: Path, out: Path, *extra: str, env: dict | None 
         return subprocess.Popen(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
     return subprocess.run(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)  # callers assert on the code and show the output
