@@ -1,10 +1,14 @@
 """Checkpoints that never lose what the user had: atomic writes (temp file + fsync + rename + directory fsync),
 the last K kept, loading with weights_only=True (an untrusted file runs no code), and a check that a checkpoint
-belongs to the config it is resumed with."""
+belongs to the config it is resumed with.
+
+A process killed mid-write leaves only a hidden `.checkpoint-*.tmp` file, which no lookup ever picks and the next
+save removes; the checkpoint before it stays the newest complete one."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -15,6 +19,7 @@ from fastfit.errors import FastfitError
 
 CHECKPOINT_FORMAT = "fastfit-checkpoint-1"
 _NAME = re.compile(r"^checkpoint-(\d{10})\.pt$")
+_PARTIAL = re.compile(r"^\.checkpoint-\d{10}\.pt\..*\.tmp$")  # atomic_save's temp files for checkpoint names
 # Config sections that must match for a resume to make sense; run.* and optim.epochs may change between runs.
 _MUST_MATCH = ("model", "recipe", "data.dataset", "data.image_size", "optim.batch_size")
 
@@ -63,7 +68,9 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any], keep: int) -> Path:
-    """Write state as checkpoint-<global step>.pt and delete all but the newest `keep` (keep ≤ 0 keeps all)."""
+    """Write state as checkpoint-<global step>.pt and delete all but the newest `keep` (keep ≤ 0 keeps all).
+    Only one process writes to a checkpoint folder (rank 0), so temp files found here are from a killed writer."""
+    remove_partial(directory)
     path = atomic_save({"format": CHECKPOINT_FORMAT, **state}, checkpoint_path(directory, state["global_step"]))
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
@@ -71,13 +78,45 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], keep: int) -> 
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def remove_partial(directory: str | Path) -> list[Path]:
+    """Delete temp files a killed writer left behind; returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if _PARTIAL.match(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def set_aside(path: str | Path) -> Path | None:
+    """Rename an earlier run's checkpoint folder or log to `<name>.previous-N` (first free N), so a fresh run
+    neither mixes with it (keep-K would delete the new checkpoints first) nor deletes it. None if it is absent."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    index = 1
+    while (target := path.with_name(f"{path.name}.previous-{index}")).exists():
+        index += 1
+    path.rename(target)
+    return target
+
+
+def load_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, Any]:
+    """Read a fastfit checkpoint. weights_only=True (the default) unpickles only tensors and plain containers, so
+    a file from an untrusted source cannot run code; pass False only for a file whose origin you trust."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint file, a run folder, or --resume auto")
+        raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint file, a run folder, or "
+                              "--resume auto")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as err:
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+            raise CheckpointError(f"checkpoint {path} holds Python objects beyond tensors and plain values, which "
+                                  "loading with weights_only=True refuses (they could run code); fastfit checkpoints "
+                                  "never do. If you trust its source, load it with fastfit.checkpoint.load_checkpoint("
+                                  "path, weights_only=False) and save its tensors again") from err
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it may be truncated — "
                               "resume from an older checkpoint in the same folder") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

@@ -1,17 +1,24 @@
 """The `fastfit` command: demo, train, eval, export, config, data. Thin: parse, load the config, call the package.
 
-Bad input ends with one line naming the problem and the fix (exit code 2), not a traceback.
+Bad input ends with one line naming the problem and the fix (exit code 2), not a traceback. A run stopped by a
+preemption signal exits with code 75 (EX_TEMPFAIL) after writing its checkpoint: run the same command with
+--resume auto to continue. A rank that stopped because another rank failed exits with code 1 and says so.
+Under torchrun each of these messages is also written to the worker's error file, so torchrun's failure summary
+shows it instead of "To enable traceback see …".
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fastfit.config import ConfigError, load_config, shipped_configs_dir, to_toml
 from fastfit.errors import FastfitError
+from fastfit.preemption import EXIT_PREEMPTED, PeerFailure, Preempted
 
 EXIT_BAD_INPUT = 2
+EXIT_PEER_FAILED = 1
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -65,6 +72,15 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def record_error(err: BaseException) -> None:
+    """Under torchrun, write `err` to the worker's error file so torchrun's failure summary shows this message."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(err)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastfit", description="FitNets knowledge distillation, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,13 +127,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FastfitError as err:
+        record_error(err)
         print(f"fastfit {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Preempted as err:
+        record_error(err)
+        print(f"fastfit {args.command}: preempted: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except PeerFailure as err:
+        # Not recorded: torchrun must report the rank that failed first, not this consequence of it.
+        print(f"fastfit {args.command}: {err}", file=sys.stderr)
+        return EXIT_PEER_FAILED
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """scripts/train.py: `fastfit train` without the subcommand word (torchrun-friendly)."""
-    return main(["train", *(sys.argv[1:] if argv is None else argv)])
+    """scripts/train.py: `fastfit train` without the subcommand word (torchrun-friendly). Unexpected exceptions
+    are written to torchrun's error file too (elastic's @record), so its summary shows the failing rank's error."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(main)(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

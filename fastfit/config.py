@@ -118,10 +118,14 @@ class RunConfig:
     log_interval: int = 50
     eval_every: int = 1
     keep_checkpoints: int = 3
+    checkpoint_every_steps: int = 0    # > 0: also checkpoint mid-epoch every N global steps (resume loses < N steps)
     max_steps_per_epoch: int = 0       # > 0 cuts epochs short (smoke tests, profiling)
     deterministic: bool = False
     progress: bool = True
     tensorboard: bool = True
+    nonfinite: Literal["stop", "skip"] = "stop"   # on a NaN/Inf loss: stop with an error, or skip those steps
+    nonfinite_check_every: int = 50    # steps between the non-finite checks (one host sync each; also at log steps)
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # → checkpoint, exit 75
 
 
 @dataclass

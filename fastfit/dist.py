@@ -2,6 +2,10 @@
 
 Everything is read from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK); the device comes from LOCAL_RANK.
 NCCL on CUDA, gloo on CPU. A single process without torchrun runs with world_size 1 and no process group.
+
+Besides the training group there is a small gloo "control" group on CPU tensors: the ranks agree on stop requests
+(preemption signals, non-finite losses) through it without touching the GPU stream, and its collectives can run
+asynchronously next to DDP's.
 """
 
 from __future__ import annotations
@@ -50,23 +54,53 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+_CONTROL: dist.ProcessGroup | None = None  # the gloo control group of this process, once set up
+
+
 def setup_distributed(requested_device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+    global _CONTROL
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     device = pick_device(requested_device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                                **_restart_safe_store(rank, world_size, timeout))
+    if world_size > 1 and _CONTROL is None:
+        # Every rank creates it at the same point, as group creation is collective.
+        _CONTROL = dist.new_group(backend="gloo", timeout=timeout)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def cleanup_distributed() -> None:
-    if dist.is_initialized():
+def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dict:
+    """init_process_group arguments that survive torchrun restarts (--max-restarts).
+
+    With torchrun's shared rendezvous store (TORCHELASTIC_USE_AGENT_STORE=True, its default) the store outlives
+    the worker group, and process groups find their peers through keys in it that carry no restart attempt: a
+    restarted group reads the dead group's addresses and fails with "connectFullMesh … Connection refused" (gloo)
+    or a stale NCCL id (pytorch/pytorch#135712, #167288). Scoping our keys by the attempt number gives every attempt
+    a clean namespace. Attempt numbers agree on one node; multi-node elastic jobs should set
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun instead (docs/reliability.md), and then this is not used."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    return {"store": dist.PrefixStore(f"fastfit/attempt-{restart_count()}", store), "rank": rank,
+            "world_size": world_size}
+
+
+def cleanup_distributed(graceful: bool = True) -> None:
+    """Destroy the process groups after a run every rank finished together. After a failure the groups are left
+    alone: destroying them can wait on a peer that is gone, and process exit closes the connections anyway (which is
+    what tells the other ranks to stop)."""
+    global _CONTROL
+    if dist.is_initialized() and graceful:
         dist.destroy_process_group()
+    _CONTROL = None
 
 
 def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -87,3 +121,43 @@ def broadcast_object(obj, env: DistEnv):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def control_all_reduce(tensor: torch.Tensor, env: DistEnv, async_op: bool = False):
+    """Element-wise max of a small CPU int64 tensor over ranks through the gloo control group (never a GPU sync);
+    returns the Work handle with async_op=True, else None."""
+    if not env.distributed:
+        return None
+    return dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_CONTROL, async_op=async_op)
+
+
+def control_barrier(env: DistEnv) -> None:
+    """Wait for every rank on the control group; bounded by the group's timeout, and a dead peer fails it at once."""
+    if env.distributed:
+        dist.barrier(group=_CONTROL)
+
+
+# How collectives report that another process of the group went away (gloo, NCCL): then that process's own error
+# is the one the user must read, not this one.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted", "ncclRemoteError")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(marker in text for marker in _PEER_GONE)
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group (0 on the first attempt or without torchrun)."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+
+
+def gather_to_main(obj, env: DistEnv) -> list | None:
+    """Every rank's small picklable `obj` (CPU tensors only), as a list by rank on rank 0 and None elsewhere; every
+    rank must call it. Travels on the control group (gloo), so CUDA tensors must be moved to the CPU first."""
+    if not env.distributed:
+        return [obj]
+    gathered = [None] * env.world_size if env.is_main else None
+    dist.gather_object(obj, gathered, dst=0, group=_CONTROL)
+    return gathered

@@ -2,7 +2,13 @@
 
 Reproducibility by construction: data order and augmentation are functions of (seed, epoch, index), and the
 global RNG (dropout) is reseeded from (seed, rank, global step) before every step, so a run resumed from any
-checkpoint continues exactly as the uninterrupted run would have.
+checkpoint — an epoch boundary or mid-epoch — continues exactly as the uninterrupted run would have. Mid-epoch
+checkpoints also hold the partial loss meters, so logged means and epoch summaries match the uninterrupted run.
+
+Losing nothing (docs/reliability.md): a preemption signal stops the run after the step with a checkpoint (exit
+code 75); non-finite losses stop the run or are skipped (run.nonfinite); run.checkpoint_every_steps adds mid-epoch
+checkpoints; a torchrun restart resumes from the newest checkpoint; a fresh run sets an earlier run's checkpoints
+aside instead of mixing with them.
 """
 
 from __future__ import annotations
@@ -21,12 +27,16 @@ from torch.nn.parallel import DistributedDataParallel
 from fastfit import checkpoint as ckpt
 from fastfit.config import Config, ConfigError, to_toml
 from fastfit.data import DataBundle, build_loaders
-from fastfit.dist import DistEnv, all_reduce_sum, cleanup_distributed, setup_distributed
+from fastfit.dist import (DistEnv, all_reduce_sum, cleanup_distributed, control_barrier, gather_to_main,
+                          is_peer_failure, restart_count, setup_distributed)
 from fastfit.distiller import StageModel, TeacherModel, build_connectors
+from fastfit.faults import fault_from_env
 from fastfit.models import build_model
+from fastfit.nonfinite import NonFiniteGuard, prime_momentum
+from fastfit.preemption import PeerFailure, Preempted, StopAgreement, StopSignals
 from fastfit.profiling import LossMeter, Throughput
 from fastfit.recipes import Stage, build_stages
-from fastfit.runtime import Runtime, build_optimizer, resolve_runtime
+from fastfit.runtime import Runtime, build_optimizer, param_groups, resolve_runtime
 from fastfit.schedules import kd_weight, learning_rate
 
 Log = Callable[[str], None]
@@ -58,6 +68,8 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     writer: Any = None
     restored: dict[str, Any] | None = None  # the checkpoint resumed from, until its stage has loaded it
+    signals: StopSignals | None = None      # preemption requests (installed by train())
+    skipped_steps: int = 0                  # steps skipped for non-finite losses (run.nonfinite = "skip")
 
 
 def step_seed(seed: int, rank: int, global_step: int) -> int:
@@ -83,7 +95,17 @@ def build_models(cfg: Config, rt: Runtime, needs_teacher: bool) -> tuple[nn.Modu
     return student, teacher
 
 
+def _check_run_switches(cfg: Config) -> None:
+    r = cfg.run
+    for name, value, low in (("run.log_interval", r.log_interval, 1),
+                             ("run.nonfinite_check_every", r.nonfinite_check_every, 1),
+                             ("run.checkpoint_every_steps", r.checkpoint_every_steps, 0)):
+        if value < low:
+            raise ConfigError(f"{name} must be ≥ {low}, got {value}")
+
+
 def setup_run(cfg: Config, env: DistEnv, log: Log) -> Run:
+    _check_run_switches(cfg)
     rt = resolve_runtime(cfg, env.device)
     # Rank-independent: every rank builds identical models (a teacher without weights is not synced by DDP).
     torch.manual_seed(step_seed(cfg.run.seed, 0, -1))
@@ -116,8 +138,31 @@ def restore(run: Run, path: Path) -> None:
     run.connectors.load_state_dict(state["connectors"])
     run.position = Position(**state["position"])
     run.history = list(state.get("history", []))
+    run.skipped_steps = int(state.get("skipped_steps", 0))
     run.restored = state
-    run.log(f"resumed from {path} at stage {run.position.stage} epoch {run.position.epoch} step {run.position.step}")
+    if run.env.is_main:
+        _truncate_metrics(run.out / "metrics.jsonl", run.position.global_step)
+    run.log(f"resumed from {path} at stage {run.position.stage} epoch {run.position.epoch} step {run.position.step} "
+            f"(global step {run.position.global_step})")
+
+
+def _truncate_metrics(path: Path, global_step: int) -> None:
+    """Drop log lines written after the checkpoint (by a run killed later) and a line torn by the kill, so the
+    resumed run's lines follow on exactly."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("global_step", 0) <= global_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
 
 
 @torch.no_grad()
@@ -153,7 +198,18 @@ class StageRunner:
                                 fused_hint=rt.fused_kernels)
         self.teacher = TeacherModel(run.teacher, cfg.recipe.hints, self.stage) if self.stage.uses_teacher else None
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim, rt)
+        if cfg.run.nonfinite == "skip" and not getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            # Skipping a step on the device needs an optimizer that takes `found_inf`: torch's fused SGD.
+            o = cfg.optim
+            self.optimizer = torch.optim.SGD(param_groups(self.model.named_parameters(), o.weight_decay), lr=o.lr,
+                                             momentum=o.momentum, nesterov=o.nesterov, fused=True)
+        prime_momentum(self.optimizer)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.fp16)
+        self.guard = NonFiniteGuard(cfg.run.nonfinite, rt.fp16, rt.device, [run.student, run.connectors])
+        self.agreement = StopAgreement(run.env, run.signals)
+        self.fault = fault_from_env(run.env.rank)
+        self.meter, self.epoch_meter = LossMeter(), LossMeter()
+        self._checked = 0  # global step of the last non-finite check
         wrapped: nn.Module = self.model
         if run.env.distributed:
             wrapped = DistributedDataParallel(self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
@@ -166,17 +222,37 @@ class StageRunner:
         total = max(1, self.stage.epochs * self.steps_per_epoch)
         # λ for every step of the stage, on the device: the step indexes it, so nothing is copied per step.
         kd_cfg = cfg.recipe.kd
-        lams = [kd_weight(kd_cfg, s / total) if kd_cfg else 0.0 for s in range(total)]
-        self.kd_weights = torch.tensor(lams, dtype=torch.float32, device=rt.device)
+        self.kd_lams = [kd_weight(kd_cfg, s / total) if kd_cfg else 0.0 for s in range(total)]  # host copy: logs
+        self.kd_weights = torch.tensor(self.kd_lams, dtype=torch.float32, device=rt.device)
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.run.cfg.run.nonfinite == "skip":
+            for group in self.optimizer.param_groups:  # a checkpoint of a "stop" run carries fused=False
+                group["fused"], group["foreach"] = True, None
         self.scaler.load_state_dict(state["scaler"])
+        if state["position"]["step"] > 0:  # mid-epoch: this rank's partial loss sums of the epoch continue
+            per_rank = state["meters"]
+            env = self.run.env
+            if len(per_rank) != env.world_size:
+                self.run.log(f"note: the checkpoint was written by {len(per_rank)} processes, this run has "
+                             f"{env.world_size}; this epoch's logged means continue from rank 0's partial sums")
+            saved = per_rank[env.rank if len(per_rank) == env.world_size else 0]
+            _load_meter(self.meter, saved["interval"], self.run.rt.device)
+            _load_meter(self.epoch_meter, saved["epoch"], self.run.rt.device)
+
+    def meters_state(self) -> dict[str, Any]:
+        """This rank's partial loss sums (they differ per rank; LossMeter.read averages them over ranks)."""
+        return {"interval": _meter_state(self.meter), "epoch": _meter_state(self.epoch_meter)}
 
     def train_one_epoch(self, epoch: int, start_step: int) -> dict[str, float]:
+        """Steps start_step… of `epoch`; raises Preempted (after a checkpoint) or NonFiniteError at a step end."""
         run, cfg, rt = self.run, self.run.cfg, self.run.rt
         self.model.train()
-        meter, epoch_meter, speed = LossMeter(), LossMeter(), Throughput()
+        if start_step == 0:
+            self.meter, self.epoch_meter = LossMeter(), LossMeter()
+        self._checked = run.position.global_step
+        speed = Throughput()
         global_batch = run.data.train.batch_size * run.env.world_size
         bar = None
         if run.env.is_main and cfg.run.progress:
@@ -186,45 +262,80 @@ class StageRunner:
                        desc=f"{self.stage.name} {epoch + 1}/{self.stage.epochs}")
         started = time.perf_counter()
         steps_run = 0
-        for step, (images, labels) in enumerate(run.data.train.epoch(epoch, start_step), start=start_step):
-            if step >= self.steps_per_epoch:
-                break
-            lr = learning_rate(cfg.optim, epoch + step / self.steps_per_epoch, self.stage.constant_lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            torch.manual_seed(step_seed(cfg.run.seed, run.env.rank, run.position.global_step))
-            with rt.autocast():
-                teacher_out = self.teacher_fn(images) if self.teacher_fn is not None else {}
-                loss, terms, _ = self.step_fn(images, labels, teacher_out,
-                                              self.kd_weights[epoch * self.steps_per_epoch + step])
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            terms = {"loss": loss, **terms}
-            meter.update(terms)
-            epoch_meter.update(terms)
-            speed.add(global_batch)
-            steps_run += 1
-            run.position.global_step += 1
-            if bar is not None:
-                bar.update(1)
-            if run.position.global_step % cfg.run.log_interval == 0:
-                values = meter.read(env=run.env)
-                record = {"stage": self.stage.name, "epoch": epoch, "step": step + 1,
-                          "global_step": run.position.global_step, "lr": lr, "img_s": speed.rate(), **values}
-                self._emit(record)
+        # A checkpoint written after an epoch's last step resumes with nothing left to run in that epoch.
+        batches = run.data.train.epoch(epoch, start_step) if start_step < self.steps_per_epoch else iter(())
+        try:
+            for step, (images, labels) in enumerate(batches, start=start_step):
+                if step >= self.steps_per_epoch:
+                    break
+                lr = learning_rate(cfg.optim, epoch + step / self.steps_per_epoch, self.stage.constant_lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                global_step = run.position.global_step + 1
+                if self.fault is not None and self.fault.step == global_step:
+                    images = self.fault.poison(images)
+                torch.manual_seed(step_seed(cfg.run.seed, run.env.rank, run.position.global_step))
+                index = epoch * self.steps_per_epoch + step
+                self.guard.before_forward()
+                with rt.autocast():
+                    teacher_out = self.teacher_fn(images) if self.teacher_fn is not None else {}
+                    loss, terms, _ = self.step_fn(images, labels, teacher_out, self.kd_weights[index])
+                terms = {"loss": loss, **terms}
+                self.guard.observe(terms)
+                self.scaler.scale(loss).backward()
+                applied = self.guard.step(self.optimizer, self.scaler)
+                self.optimizer.zero_grad(set_to_none=True)
+                metered = self.guard.meter_terms(terms, applied)
+                self.meter.update(metered)
+                self.epoch_meter.update(metered)
+                speed.add(global_batch)
+                steps_run += 1
+                run.position = Position(self.index, epoch, step + 1, global_step)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{record['img_s']:.0f}")
+                    bar.update(1)
+                if self.fault is not None and self.fault.step == global_step:
+                    self.fault.after_step(run.env.rank)
+                self._end_of_step(epoch, step, lr, self.kd_lams[index], speed, bar)
+        finally:
+            if bar is not None:
+                bar.close()
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)  # deliberate: the epoch's wall time must include queued work
         elapsed = time.perf_counter() - started
-        if bar is not None:
-            bar.close()
-        summary = {f"train_{k}": v for k, v in epoch_meter.read(env=run.env).items()}
+        summary = {f"train_{k}": v for k, v in self.guard.unmask(self.epoch_meter.read(env=run.env)).items()}
         summary["train_img_s"] = steps_run * global_batch / elapsed if elapsed > 0 else 0.0
         summary["train_seconds"] = elapsed
         return summary
+
+    def _end_of_step(self, epoch: int, step: int, lr: float, lam: float, speed: Throughput, bar) -> None:
+        """Checks, logging and checkpoints after a step; every rank takes the same branches at the same step."""
+        run, cfg = self.run, self.run.cfg
+        global_step = run.position.global_step
+        last = step + 1 == self.steps_per_epoch
+        log_now = global_step % cfg.run.log_interval == 0
+        every = cfg.run.checkpoint_every_steps
+        checkpoint_now = every > 0 and global_step % every == 0 and not last  # the epoch end saves anyway
+        check = last or log_now or checkpoint_now or global_step % cfg.run.nonfinite_check_every == 0
+        preempt = False if check else self.agreement.poll()
+        if check or preempt:  # a preemption checkpoint must not hold diverged weights either
+            stop, counts = self.agreement.agree(self.guard.read())
+            preempt = preempt or stop
+            run.skipped_steps = self.guard.settle(counts, f"stage {self.stage.name} epoch {epoch + 1}",
+                                                  self._checked + 1, global_step, run.skipped_steps, run.log)
+            self._checked = global_step
+        if log_now:
+            values = self.guard.unmask(self.meter.read(env=run.env))
+            record = {"stage": self.stage.name, "epoch": epoch, "step": step + 1, "global_step": global_step,
+                      "lr": lr, **({"kd_weight": lam} if self.stage.use_kd else {}), "img_s": speed.rate(), **values}
+            if cfg.run.nonfinite == "skip":
+                record["skipped_steps"] = run.skipped_steps
+            self._emit(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{record['img_s']:.0f}")
+        if checkpoint_now or preempt:
+            save(run, self)
+        if preempt:
+            stop_for_preemption(run)
 
     def _emit(self, record: dict[str, Any]) -> None:
         run = self.run
@@ -249,6 +360,8 @@ def _open_tensorboard(run: Run):
 
 
 def save(run: Run, runner: StageRunner) -> Path | None:
+    """Every rank calls it (the per-rank loss meters are gathered); rank 0 writes."""
+    meters = gather_to_main(runner.meters_state(), run.env)
     if not run.env.is_main:
         return None
     state = {
@@ -261,10 +374,29 @@ def save(run: Run, runner: StageRunner) -> Path | None:
         "position": vars(run.position).copy(),
         "global_step": run.position.global_step,
         "history": run.history,
+        "meters": meters,  # one entry per rank
+        "skipped_steps": run.skipped_steps,
         "rng": {"scheme": "torch.manual_seed(step_seed(seed, rank, global_step)) before every step",
                 "seed": run.cfg.run.seed},
     }
     return ckpt.save_checkpoint(run.out / "checkpoints", state, run.cfg.run.keep_checkpoints)
+
+
+def _meter_state(meter: LossMeter) -> dict[str, Any]:
+    return {"sums": {name: value.cpu() for name, value in meter._sums.items()}, "count": meter._count}
+
+
+def _load_meter(meter: LossMeter, saved: dict[str, Any], device: torch.device) -> None:
+    meter._sums = {name: value.to(device) for name, value in saved["sums"].items()}
+    meter._count = saved["count"]
+
+
+def stop_for_preemption(run: Run) -> None:
+    """After rank 0 saved the checkpoint of run.position: wait for it on every rank, then raise Preempted."""
+    control_barrier(run.env)  # no rank exits (and makes torchrun stop the others) before the checkpoint is written
+    name = run.signals.requested if run.signals is not None and run.signals.requested else "a signal to another rank"
+    path = ckpt.checkpoint_path(run.out / "checkpoints", run.position.global_step)
+    raise Preempted(name, path, run.position)
 
 
 def export_student(run: Run) -> Path | None:
@@ -299,9 +431,13 @@ def fit(run: Run) -> dict[str, Any]:
             done_stage = epoch + 1 == stage.epochs
             run.position = Position(index + 1 if done_stage else index, 0 if done_stage else epoch + 1, 0,
                                     run.position.global_step)
-            save(run, runner)
+            # Logged before the checkpoint: a crash in between re-runs the epoch, and resuming drops the line.
             runner._emit({"global_step": run.position.global_step, **record})
+            save(run, runner)
             run.log(_describe(record))
+            finished = done_stage and index + 1 == len(run.stages)
+            if not finished and runner.agreement.agree()[0]:  # a signal during evaluation or the save
+                stop_for_preemption(run)
         restored = None
     export_student(run)
     summary = {
@@ -330,18 +466,53 @@ def _describe(record: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def _start_fresh(run: Run) -> None:
+    """A run that does not resume: set an earlier run's checkpoints and log aside rather than mix with them."""
+    if not run.env.is_main:
+        return
+    directory = run.out / "checkpoints"
+    moved = [ckpt.set_aside(directory)] if ckpt.list_checkpoints(directory) else []
+    if (run.out / "metrics.jsonl").is_file():
+        moved.append(ckpt.set_aside(run.out / "metrics.jsonl"))
+    if moved:
+        run.log(f"{run.out} holds an earlier run; moved {', '.join(p.name for p in moved)} aside "
+                "(to continue that run instead, pass --resume auto)")
+
+
 def train(cfg: Config, resume: str | None = None, log: Log | None = None) -> dict[str, Any]:
-    """Run a config under the current torchrun environment (or as a single process)."""
+    """Run a config under the current torchrun environment (or as a single process).
+
+    Raises Preempted after writing a checkpoint when a preemption signal arrives (the CLI exits with code 75).
+    Under a torchrun restart (--max-restarts) the run resumes from the newest checkpoint even without --resume."""
     env = setup_distributed(cfg.run.device)
     log = log or (print if env.is_main else (lambda _msg: None))
+    graceful = False
     try:
-        run = setup_run(cfg, env, log)
-        if resume:
-            path = ckpt.resolve_resume(resume, run.out / "checkpoints")
+        with StopSignals(cfg.run.preemption_signals) as signals:
+            run = setup_run(cfg, env, log)
+            run.signals = signals
+            if resume is None and restart_count() > 0:
+                resume = "auto"
+                log(f"torchrun restart {restart_count()}: resuming from the newest checkpoint in {run.out}")
+            # None only for no --resume, or "auto" with no checkpoint yet; a missing file or folder raises.
+            path = ckpt.resolve_resume(resume, run.out / "checkpoints") if resume else None
             if path is not None:
                 restore(run, path)
-            elif resume != "auto":
-                raise ckpt.CheckpointError(f"--resume {resume}: nothing to resume from")
-        return fit(run)
+            else:
+                _start_fresh(run)
+            summary = fit(run)
+        graceful = True
+        return summary
+    except Preempted:
+        graceful = True  # every rank stopped at the same step, past the same barrier
+        raise
+    except Exception as err:
+        if env.distributed and is_peer_failure(err):
+            # Give the launcher time to see the process that failed first (its error is the root cause to report);
+            # torchrun stops this one meanwhile. Our signal handlers are already restored, so that ends it at once.
+            time.sleep(5.0)
+            raise PeerFailure(f"rank {env.rank} stopped because another process of the run failed first; its error "
+                              "is the one to read (torchrun prints it as the root cause)") from err
+        raise
     finally:
-        cleanup_distributed()
+        cleanup_distributed(graceful)
