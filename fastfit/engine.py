@@ -15,65 +15,26 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from fastfit import checkpoint as ckpt
 from fastfit.config import Config, ConfigError, to_toml
-from fastfit.data import DataBundle, build_loaders
-from fastfit.dist import (DistEnv, all_reduce_sum, cleanup_distributed, control_barrier, gather_to_main,
-                          is_peer_failure, restart_count, setup_distributed)
-from fastfit.distiller import StageModel, TeacherModel, build_connectors
-from fastfit.faults import fault_from_env
+from fastfit.data import build_loaders
+from fastfit.dist import DistEnv, all_reduce_sum, cleanup_distributed, is_peer_failure, restart_count, setup_distributed
+from fastfit.distiller import build_connectors
 from fastfit.models import build_model
-from fastfit.nonfinite import NonFiniteGuard, prime_momentum
-from fastfit.preemption import PeerFailure, Preempted, StopAgreement, StopSignals
-from fastfit.profiling import LossMeter, Throughput
-from fastfit.recipes import Stage, build_stages
-from fastfit.runtime import Runtime, build_optimizer, param_groups, resolve_runtime
-from fastfit.schedules import kd_weight, learning_rate
+from fastfit.preemption import PeerFailure, Preempted, StopSignals
+from fastfit.recipes import build_stages
+from fastfit.run_state import Log, Position, Run, export_student, save, step_seed, stop_for_preemption
+from fastfit.runtime import Runtime, resolve_runtime
+from fastfit.stage_runner import StageRunner
 
-Log = Callable[[str], None]
-
-
-@dataclass
-class Position:
-    """Where training stands: the next (stage, epoch within stage, step within epoch) to run."""
-
-    stage: int = 0
-    epoch: int = 0
-    step: int = 0
-    global_step: int = 0
-
-
-@dataclass
-class Run:
-    cfg: Config
-    env: DistEnv
-    rt: Runtime
-    data: DataBundle
-    student: nn.Module
-    teacher: nn.Module | None
-    connectors: nn.ModuleDict
-    stages: list[Stage]
-    out: Path
-    log: Log
-    position: Position = field(default_factory=Position)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    writer: Any = None
-    restored: dict[str, Any] | None = None  # the checkpoint resumed from, until its stage has loaded it
-    signals: StopSignals | None = None      # preemption requests (installed by train())
-    skipped_steps: int = 0                  # steps skipped for non-finite losses (run.nonfinite = "skip")
-
-
-def step_seed(seed: int, rank: int, global_step: int) -> int:
-    return (seed * 1_000_003 + rank) * 1_000_000_007 + global_step
+__all__ = ["train", "setup_run", "fit", "evaluate", "build_models", "per_rank_batch", "step_seed", "StageRunner",
+           "Run", "Position", "restore"]
 
 
 def per_rank_batch(cfg: Config, env: DistEnv) -> int:
@@ -186,169 +147,6 @@ def evaluate(model: nn.Module, loader, rt: Runtime, env: DistEnv) -> dict[str, f
     c1, c5, loss, n = sums.tolist()  # deliberate sync: once per evaluation
     n = max(n, 1.0)
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "val_loss": loss / n, "val_samples": int(n)}
-
-
-class StageRunner:
-    """The modules, optimizer and schedule tables of one stage."""
-
-    def __init__(self, run: Run, index: int):
-        cfg, rt = run.cfg, run.rt
-        self.run, self.index, self.stage = run, index, run.stages[index]
-        self.model = StageModel(cfg, self.stage, run.student, run.connectors, fused_kd=rt.fused_kernels,
-                                fused_hint=rt.fused_kernels)
-        self.teacher = TeacherModel(run.teacher, cfg.recipe.hints, self.stage) if self.stage.uses_teacher else None
-        self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim, rt)
-        if cfg.run.nonfinite == "skip" and not getattr(self.optimizer, "_step_supports_amp_scaling", False):
-            # Skipping a step on the device needs an optimizer that takes `found_inf`: torch's fused SGD.
-            o = cfg.optim
-            self.optimizer = torch.optim.SGD(param_groups(self.model.named_parameters(), o.weight_decay), lr=o.lr,
-                                             momentum=o.momentum, nesterov=o.nesterov, fused=True)
-        prime_momentum(self.optimizer)
-        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.fp16)
-        self.guard = NonFiniteGuard(cfg.run.nonfinite, rt.fp16, rt.device, [run.student, run.connectors])
-        self.agreement = StopAgreement(run.env, run.signals)
-        self.fault = fault_from_env(run.env.rank)
-        self.meter, self.epoch_meter = LossMeter(), LossMeter()
-        self._checked = 0  # global step of the last non-finite check
-        wrapped: nn.Module = self.model
-        if run.env.distributed:
-            wrapped = DistributedDataParallel(self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                              gradient_as_bucket_view=True)
-        self.step_fn = torch.compile(wrapped) if rt.compile else wrapped
-        self.teacher_fn = (torch.compile(self.teacher) if rt.compile else self.teacher) if self.teacher else None
-        self.steps_per_epoch = run.data.train.steps_per_epoch
-        if cfg.run.max_steps_per_epoch > 0:
-            self.steps_per_epoch = min(self.steps_per_epoch, cfg.run.max_steps_per_epoch)
-        total = max(1, self.stage.epochs * self.steps_per_epoch)
-        # λ for every step of the stage, on the device: the step indexes it, so nothing is copied per step.
-        kd_cfg = cfg.recipe.kd
-        self.kd_lams = [kd_weight(kd_cfg, s / total) if kd_cfg else 0.0 for s in range(total)]  # host copy: logs
-        self.kd_weights = torch.tensor(self.kd_lams, dtype=torch.float32, device=rt.device)
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.run.cfg.run.nonfinite == "skip":
-            for group in self.optimizer.param_groups:  # a checkpoint of a "stop" run carries fused=False
-                group["fused"], group["foreach"] = True, None
-        self.scaler.load_state_dict(state["scaler"])
-        if state["position"]["step"] > 0:  # mid-epoch: this rank's partial loss sums of the epoch continue
-            per_rank = state["meters"]
-            env = self.run.env
-            if len(per_rank) != env.world_size:
-                self.run.log(f"note: the checkpoint was written by {len(per_rank)} processes, this run has "
-                             f"{env.world_size}; this epoch's logged means continue from rank 0's partial sums")
-            saved = per_rank[env.rank if len(per_rank) == env.world_size else 0]
-            _load_meter(self.meter, saved["interval"], self.run.rt.device)
-            _load_meter(self.epoch_meter, saved["epoch"], self.run.rt.device)
-
-    def meters_state(self) -> dict[str, Any]:
-        """This rank's partial loss sums (they differ per rank; LossMeter.read averages them over ranks)."""
-        return {"interval": _meter_state(self.meter), "epoch": _meter_state(self.epoch_meter)}
-
-    def train_one_epoch(self, epoch: int, start_step: int) -> dict[str, float]:
-        """Steps start_step… of `epoch`; raises Preempted (after a checkpoint) or NonFiniteError at a step end."""
-        run, cfg, rt = self.run, self.run.cfg, self.run.rt
-        self.model.train()
-        if start_step == 0:
-            self.meter, self.epoch_meter = LossMeter(), LossMeter()
-        self._checked = run.position.global_step
-        speed = Throughput()
-        global_batch = run.data.train.batch_size * run.env.world_size
-        bar = None
-        if run.env.is_main and cfg.run.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.steps_per_epoch, initial=start_step, leave=False, dynamic_ncols=True,
-                       desc=f"{self.stage.name} {epoch + 1}/{self.stage.epochs}")
-        started = time.perf_counter()
-        steps_run = 0
-        # A checkpoint written after an epoch's last step resumes with nothing left to run in that epoch.
-        batches = run.data.train.epoch(epoch, start_step) if start_step < self.steps_per_epoch else iter(())
-        try:
-            for step, (images, labels) in enumerate(batches, start=start_step):
-                if step >= self.steps_per_epoch:
-                    break
-                lr = learning_rate(cfg.optim, epoch + step / self.steps_per_epoch, self.stage.constant_lr)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                global_step = run.position.global_step + 1
-                if self.fault is not None and self.fault.step == global_step:
-                    images = self.fault.poison(images)
-                torch.manual_seed(step_seed(cfg.run.seed, run.env.rank, run.position.global_step))
-                index = epoch * self.steps_per_epoch + step
-                self.guard.before_forward()
-                with rt.autocast():
-                    teacher_out = self.teacher_fn(images) if self.teacher_fn is not None else {}
-                    loss, terms, _ = self.step_fn(images, labels, teacher_out, self.kd_weights[index])
-                terms = {"loss": loss, **terms}
-                self.guard.observe(terms)
-                self.scaler.scale(loss).backward()
-                applied = self.guard.step(self.optimizer, self.scaler)
-                self.optimizer.zero_grad(set_to_none=True)
-                metered = self.guard.meter_terms(terms, applied)
-                self.meter.update(metered)
-                self.epoch_meter.update(metered)
-                speed.add(global_batch)
-                steps_run += 1
-                run.position = Position(self.index, epoch, step + 1, global_step)
-                if bar is not None:
-                    bar.update(1)
-                if self.fault is not None and self.fault.step == global_step:
-                    self.fault.after_step(run.env.rank)
-                self._end_of_step(epoch, step, lr, self.kd_lams[index], speed, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize(rt.device)  # deliberate: the epoch's wall time must include queued work
-        elapsed = time.perf_counter() - started
-        summary = {f"train_{k}": v for k, v in self.guard.unmask(self.epoch_meter.read(env=run.env)).items()}
-        summary["train_img_s"] = steps_run * global_batch / elapsed if elapsed > 0 else 0.0
-        summary["train_seconds"] = elapsed
-        return summary
-
-    def _end_of_step(self, epoch: int, step: int, lr: float, lam: float, speed: Throughput, bar) -> None:
-        """Checks, logging and checkpoints after a step; every rank takes the same branches at the same step."""
-        run, cfg = self.run, self.run.cfg
-        global_step = run.position.global_step
-        last = step + 1 == self.steps_per_epoch
-        log_now = global_step % cfg.run.log_interval == 0
-        every = cfg.run.checkpoint_every_steps
-        checkpoint_now = every > 0 and global_step % every == 0 and not last  # the epoch end saves anyway
-        check = last or log_now or checkpoint_now or global_step % cfg.run.nonfinite_check_every == 0
-        preempt = False if check else self.agreement.poll()
-        if check or preempt:  # a preemption checkpoint must not hold diverged weights either
-            stop, counts = self.agreement.agree(self.guard.read())
-            preempt = preempt or stop
-            run.skipped_steps = self.guard.settle(counts, f"stage {self.stage.name} epoch {epoch + 1}",
-                                                  self._checked + 1, global_step, run.skipped_steps, run.log)
-            self._checked = global_step
-        if log_now:
-            values = self.guard.unmask(self.meter.read(env=run.env))
-            record = {"stage": self.stage.name, "epoch": epoch, "step": step + 1, "global_step": global_step,
-                      "lr": lr, **({"kd_weight": lam} if self.stage.use_kd else {}), "img_s": speed.rate(), **values}
-            if cfg.run.nonfinite == "skip":
-                record["skipped_steps"] = run.skipped_steps
-            self._emit(record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{record['img_s']:.0f}")
-        if checkpoint_now or preempt:
-            save(run, self)
-        if preempt:
-            stop_for_preemption(run)
-
-    def _emit(self, record: dict[str, Any]) -> None:
-        run = self.run
-        if not run.env.is_main:
-            return
-        with open(run.out / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if run.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, float):
-                    run.writer.add_scalar(f"{record['stage']}/{key}", value, record["global_step"])
-
-
 def _open_tensorboard(run: Run):
     if not (run.env.is_main and run.cfg.run.tensorboard):
         return None
@@ -357,54 +155,6 @@ def _open_tensorboard(run: Run):
     except ImportError:
         return None
     return SummaryWriter(log_dir=str(run.out / "tensorboard"))
-
-
-def save(run: Run, runner: StageRunner) -> Path | None:
-    """Every rank calls it (the per-rank loss meters are gathered); rank 0 writes."""
-    meters = gather_to_main(runner.meters_state(), run.env)
-    if not run.env.is_main:
-        return None
-    state = {
-        "config": run.cfg.to_dict(),
-        "student": run.student.state_dict(),
-        "connectors": run.connectors.state_dict(),
-        "optimizer": runner.optimizer.state_dict(),
-        "optimizer_stage": runner.index,
-        "scaler": runner.scaler.state_dict(),
-        "position": vars(run.position).copy(),
-        "global_step": run.position.global_step,
-        "history": run.history,
-        "meters": meters,  # one entry per rank
-        "skipped_steps": run.skipped_steps,
-        "rng": {"scheme": "torch.manual_seed(step_seed(seed, rank, global_step)) before every step",
-                "seed": run.cfg.run.seed},
-    }
-    return ckpt.save_checkpoint(run.out / "checkpoints", state, run.cfg.run.keep_checkpoints)
-
-
-def _meter_state(meter: LossMeter) -> dict[str, Any]:
-    return {"sums": {name: value.cpu() for name, value in meter._sums.items()}, "count": meter._count}
-
-
-def _load_meter(meter: LossMeter, saved: dict[str, Any], device: torch.device) -> None:
-    meter._sums = {name: value.to(device) for name, value in saved["sums"].items()}
-    meter._count = saved["count"]
-
-
-def stop_for_preemption(run: Run) -> None:
-    """After rank 0 saved the checkpoint of run.position: wait for it on every rank, then raise Preempted."""
-    control_barrier(run.env)  # no rank exits (and makes torchrun stop the others) before the checkpoint is written
-    name = run.signals.requested if run.signals is not None and run.signals.requested else "a signal to another rank"
-    path = ckpt.checkpoint_path(run.out / "checkpoints", run.position.global_step)
-    raise Preempted(name, path, run.position)
-
-
-def export_student(run: Run) -> Path | None:
-    if not run.env.is_main:
-        return None
-    return ckpt.atomic_save(run.student.state_dict(), run.out / "student.pt")
-
-
 def fit(run: Run) -> dict[str, Any]:
     """Train every remaining stage from run.position; returns the run summary (also written as summary.json)."""
     cfg, started = run.cfg, time.perf_counter()

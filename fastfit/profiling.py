@@ -3,6 +3,7 @@ loop never syncs) and images/second over wall-clock windows."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -39,6 +40,15 @@ class LossMeter:
         return dict(zip(names, values))
 
 
+    def state_dict(self) -> dict:
+        """The partial sums (on the CPU), for a mid-epoch checkpoint."""
+        return {"sums": {name: value.cpu() for name, value in self._sums.items()}, "count": self._count}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self._sums = {name: value.to(device) for name, value in state["sums"].items()}
+        self._count = state["count"]
+
+
 class Throughput:
     """Images per second since the last `rate()` call (wall clock; callers sync at window edges when exactness matters)."""
 
@@ -59,3 +69,45 @@ class Throughput:
         self.total_seconds += elapsed
         self._images, self._start = 0, now
         return value
+
+
+class PhaseTimer:
+    """Per-phase time of a training step: CUDA events on the GPU (read once, in `summary`), wall clock on the CPU,
+    and an NVTX range per phase so Nsight Systems shows the same names. Disabled, every call is a no-op."""
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.device, self.enabled = device, enabled
+        self._cuda = device.type == "cuda"
+        self._events: dict[str, list] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        if self._cuda:
+            torch.cuda.nvtx.range_push(name)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                torch.cuda.nvtx.range_pop()
+            self._events.setdefault(name, []).append((start, end))
+        else:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._events.setdefault(name, []).append(time.perf_counter() - t0)
+
+    def summary(self) -> dict[str, float]:
+        """Mean milliseconds per occurrence of each phase."""
+        if self._cuda:
+            torch.cuda.synchronize(self.device)  # deliberate: events are read once, after the window
+            return {name: sum(s.elapsed_time(e) for s, e in pairs) / len(pairs) for name, pairs in self._events.items()}
+        return {name: 1e3 * sum(times) / len(times) for name, times in self._events.items()}
+
+
+NO_TIMER = PhaseTimer(torch.device("cpu"), enabled=False)

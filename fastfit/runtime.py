@@ -74,8 +74,13 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(named: Iterable[tuple[str, nn.Parameter]], optim: OptimConfig, runtime: Runtime):
+def build_optimizer(named: Iterable[tuple[str, nn.Parameter]], optim: OptimConfig, runtime: Runtime,
+                    needs_found_inf: bool = False):
+    """SGD with momentum: apex FusedSGD when importable on CUDA, else torch's fused SGD on CUDA, else foreach.
+    needs_found_inf: the step must accept GradScaler-style `found_inf` (a device-side skip): torch's fused SGD."""
     groups = param_groups(named, optim.weight_decay)
+    if needs_found_inf:
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=True)
     if runtime.fused_optimizer:
         try:
             from apex.optimizers import FusedSGD  # optional: a source build of NVIDIA apex
