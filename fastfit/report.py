@@ -27,12 +27,14 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")  # no display: write the file only
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for role, run in report["runs"].items():
         points = [(i + 1, h["top1"]) for i, h in enumerate(h for h in run["history"] if "top1" in h)]
         if points:
             ax.plot(*zip(*points), marker="o", label=f"{role} ({run['student']})")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch (classification stages)")
     ax.set_ylabel("top-1 on the test set (%)")
     ax.set_title(f"fastfit demo: Fashion-MNIST, {report['budget']} budget on {report['device']}")
