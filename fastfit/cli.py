@@ -61,6 +61,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from fastfit.throughput import SECTIONS, profile_throughput
+
+    sections = tuple(args.sections or SECTIONS)
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"unknown profile section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+    cfg = load_config(args.config, args.overrides)
+    profile_throughput(cfg, steps=args.steps, warmup=args.warmup, sections=sections, ablate=args.ablate,
+                       trace_steps=args.trace_steps, stage=args.stage, json_path=args.json)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "list":
         for path in sorted(shipped_configs_dir().glob("*.toml")):
@@ -109,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint")
     export.add_argument("output")
     export.set_defaults(func=cmd_export)
+
+    profile = sub.add_parser("profile", help="images/second of each part of a training step, in one run")
+    _add_config_args(profile)
+    profile.add_argument("--steps", type=int, default=50, help="timed steps per section (after --warmup)")
+    profile.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    profile.add_argument("--sections", nargs="+", metavar="SECTION",
+                         help="naive end_to_end compute_only teacher_only student_only loader_only (default: all)")
+    profile.add_argument("--ablate", action="store_true", help="also end to end with each speed switch off in turn")
+    profile.add_argument("--trace-steps", type=int, default=0,
+                         help="write a torch.profiler trace of this many steps to run.output_dir/profile_trace")
+    profile.add_argument("--stage", type=int, default=None, help="recipe stage to profile (default: the last)")
+    profile.add_argument("--json", default=None, help="write the results JSON here (e.g. docs/results/…)")
+    profile.set_defaults(func=cmd_profile)
 
     config = sub.add_parser("config", help="list shipped configs or print a resolved one")
     config.add_argument("action", choices=["list", "show"])

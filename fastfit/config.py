@@ -113,6 +113,8 @@ class RunConfig:
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"     # auto: bf16 on CUDA, off on CPU
     channels_last: bool | Auto = "auto"                      # auto: on for CUDA
     compile: bool | Auto = "auto"                            # auto: on for CUDA
+    compile_mode: Literal["default", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    cuda_graphs: bool = False          # replay the compiled teacher forward and student step as CUDA graphs
     fused_kernels: bool | Auto = "auto"                      # auto: fused Triton losses on CUDA
     sync_bn: bool = False
     log_interval: int = 50

@@ -23,6 +23,7 @@ class Runtime:
     amp_dtype: torch.dtype | None
     channels_last: bool
     compile: bool
+    compile_mode: str | None
     fused_kernels: bool
     fused_optimizer: bool
 
@@ -57,9 +58,19 @@ def resolve_runtime(cfg: Config, device: torch.device) -> Runtime:
     if fused_kernels and not triton_usable(device):
         raise ConfigError("run.fused_kernels = true needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
                            "set run.fused_kernels=auto")
+    compile = _auto(cfg.run.compile, cuda)
+    if cfg.run.cuda_graphs and not compile:
+        raise ConfigError("run.cuda_graphs = true needs run.compile = true (the graphs are captured by torch.compile)")
     return Runtime(device=device, amp_dtype=amp_dtype, channels_last=_auto(cfg.run.channels_last, cuda),
-                   compile=_auto(cfg.run.compile, cuda), fused_kernels=fused_kernels,
-                   fused_optimizer=_auto(cfg.optim.fused, cuda) and cuda)
+                   compile=compile, compile_mode=compile_mode(cfg.run.compile_mode, cfg.run.cuda_graphs) if compile else None,
+                   fused_kernels=fused_kernels, fused_optimizer=_auto(cfg.optim.fused, cuda))
+
+
+def compile_mode(mode: str, cuda_graphs: bool) -> str:
+    """torch.compile's mode for the configured mode and CUDA-graph switch ("max-autotune" itself uses graphs)."""
+    if not cuda_graphs:
+        return "max-autotune-no-cudagraphs" if mode == "max-autotune" else mode
+    return "max-autotune" if mode.startswith("max-autotune") else "reduce-overhead"
 
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
@@ -82,11 +93,13 @@ def build_optimizer(named: Iterable[tuple[str, nn.Parameter]], optim: OptimConfi
     if needs_found_inf:
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=True)
     if runtime.fused_optimizer:
-        try:
-            from apex.optimizers import FusedSGD  # optional: a source build of NVIDIA apex
+        if runtime.device.type == "cuda":
+            try:
+                from apex.optimizers import FusedSGD  # optional: a source build of NVIDIA apex
 
-            return FusedSGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
-                            set_grad_none=True)
-        except ImportError:
-            return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=True)
+                return FusedSGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
+                                set_grad_none=True)
+            except ImportError:
+                pass
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=True)
     return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)

@@ -44,8 +44,10 @@ class StageRunner:
         if run.env.distributed:
             wrapped = DistributedDataParallel(self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
                                               gradient_as_bucket_view=True)
-        self.step_fn = torch.compile(wrapped) if rt.compile else wrapped
-        self.teacher_fn = (torch.compile(self.teacher) if rt.compile else self.teacher) if self.teacher else None
+        self.step_fn = torch.compile(wrapped, mode=rt.compile_mode) if rt.compile else wrapped
+        self.teacher_fn = None
+        if self.teacher is not None:
+            self.teacher_fn = torch.compile(self.teacher, mode=rt.compile_mode) if rt.compile else self.teacher
         self.steps_per_epoch = run.data.train.steps_per_epoch
         if cfg.run.max_steps_per_epoch > 0:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.run.max_steps_per_epoch)

@@ -1,0 +1,65 @@
+"""Every speed switch the config allows trains to the same losses as the plain path (a few steps, CPU)."""
+
+import json
+
+import pytest
+import torch
+
+from fastfit.config import ConfigError, load_config
+from fastfit.engine import train
+from fastfit.runtime import compile_mode
+
+BASE = ["data.workers=0", "run.progress=false", "run.tensorboard=false", "run.device=cpu", "run.log_interval=1",
+        "data.train_subset=128", "data.val_subset=32", "optim.batch_size=32", "optim.epochs=1",
+        "run.max_steps_per_epoch=3", "model.teacher=wide_cnn", "recipe.name=mmrazor",
+        'recipe.hints=[{student="stage2", teacher="stage2"}]']
+PLAIN = ["run.amp=off", "run.channels_last=false", "run.compile=false", "run.fused_kernels=false", "optim.fused=false"]
+SWITCHES = {  # name → (overrides, relative tolerance on each step's losses; other kernels round differently, and
+    #                    the differences grow a little with every SGD step)
+    "channels_last": (["run.channels_last=true"], 1e-3),
+    "fused_optimizer": (["optim.fused=true"], 1e-5),
+    "fused_kernels": (["run.fused_kernels=true"], 1e-4),
+    "bf16_autocast": (["run.amp=bf16"], 3e-2),
+    "compile": (["run.compile=true"], 1e-3),
+    "all": (["run.channels_last=true", "optim.fused=true", "run.fused_kernels=true", "run.amp=bf16",
+             "run.compile=true"], 3e-2),
+}
+
+
+def _losses(tmp_path, name, extra):
+    out = tmp_path / name
+    train(load_config("demo_fmnist_student", [*BASE, *PLAIN, *extra, f'run.output_dir="{out}"']))
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+    return [{k: s[k] for k in ("loss", "ce", "kd", "hint/stage2")} for s in steps]
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    return _losses(tmp_path_factory.mktemp("plain"), "plain", [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_switch_trains_like_the_plain_path(switch, plain, tmp_path):
+    overrides, tolerance = SWITCHES[switch]
+    got = _losses(tmp_path, switch, overrides)
+    assert len(got) == len(plain) == 3
+    for step, (a, b) in enumerate(zip(got, plain)):
+        for term in b:
+            assert a[term] == pytest.approx(b[term], rel=tolerance, abs=1e-6), f"step {step + 1} {term}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs are captured on a GPU only")
+def test_cuda_graphs_train_like_the_plain_path(plain, tmp_path):
+    got = _losses(tmp_path, "graphs", ["run.device=cuda", "run.compile=true", "run.cuda_graphs=true"])
+    for a, b in zip(got, plain):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+
+
+def test_cuda_graphs_need_compile_and_pick_the_graphing_mode(tmp_path):
+    with pytest.raises(ConfigError, match=r"run.cuda_graphs = true needs run.compile = true"):
+        train(load_config("demo_fmnist_student", [*BASE, *PLAIN, "run.cuda_graphs=true", f'run.output_dir="{tmp_path}"']))
+    assert compile_mode("default", True) == "reduce-overhead"
+    assert compile_mode("max-autotune", False) == "max-autotune-no-cudagraphs"
+    assert compile_mode("max-autotune-no-cudagraphs", True) == "max-autotune"
+    assert compile_mode("default", False) == "default"
