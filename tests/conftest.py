@@ -21,6 +21,12 @@ def _seed_everything():
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        skip_cpu_kernels = pytest.mark.skip(reason="runs the Triton kernels on CPU tensors through the interpreter "
+                                                   "(TRITON_INTERPRET=1); on a GPU the kernel tests run on CUDA")
+        for item in items:
+            if "interpreter" in item.keywords:
+                item.add_marker(skip_cpu_kernels)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; the same checks run on CPU through the Triton interpreter")

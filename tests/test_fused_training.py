@@ -10,6 +10,8 @@ from fastfit.dist import DistEnv
 from fastfit.distiller import StageModel, TeacherModel
 from fastfit.engine import setup_run, train
 
+pytestmark = pytest.mark.interpreter
+
 CONFIG = ["data.workers=0", "run.progress=false", "run.tensorboard=false", "run.device=cpu", "run.log_interval=1",
           "data.train_subset=128", "data.val_subset=64", "optim.batch_size=32", "optim.epochs=1",
           "run.max_steps_per_epoch=3", "model.teacher=wide_cnn", "recipe.name=mmrazor",

@@ -25,6 +25,14 @@ pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 DIVISORS = {"batchmean": lambda n, c: n, "mean": lambda n, c: n * c, "sum": lambda n, c: 1}
 
 
+@pytest.fixture(autouse=True)
+def _on_device():
+    # The kernel runs on CUDA, or on the CPU through Triton's interpreter when there is no GPU (tests/conftest.py).
+    torch.set_default_device("cuda" if torch.cuda.is_available() else "cpu")
+    yield
+    torch.set_default_device(None)
+
+
 @pytest.fixture(params=["one_block", "two_pass"])
 def block_mode(request, monkeypatch):
     """Run the kernel as shipped, and with tiny blocks so every shape streams over C in several blocks."""
