@@ -39,3 +39,14 @@ def test_wheel_layout_and_import_from_an_install(tmp_path):
                          timeout=120, check=True).stdout.split()
     assert all(line.startswith(str(site)) for line in out[:3]), out
     assert out[3] == "0.1.0"
+
+
+def test_source_checkout_without_install_imports_the_kernels(tmp_path):
+    # -S: no site processing, so the editable install's import hook is absent, as on a machine that only has
+    # the checkout on PYTHONPATH (e.g. a GPU machine without package access).
+    probe = "import fastfit.kernels as k, fastfit.kernels.hint_loss as h; print(k.__file__); print(h.__file__)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), sysconfig.get_paths()["purelib"]]),
+           "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == [str(ROOT / "kernels" / "__init__.py"), str(ROOT / "kernels" / "hint_loss.py")]
