@@ -88,11 +88,17 @@ class Profiler:
                  log: Callable[[str], None] = print):
         self.cfg, self.env, self.steps, self.warmup, self.log = cfg, env, steps, warmup, log
         self.stage = stage
+        self._built: tuple[Config, Run, StageRunner] | None = None
 
     def _build(self, cfg: Config) -> tuple[Run, StageRunner]:
+        """The run and stage for `cfg`; sections of one config share them, so it is compiled once."""
+        if self._built is not None and self._built[0] == cfg:
+            return self._built[1], self._built[2]
+        self._built = None  # let the previous config's modules and loaders go before building the next
         run = setup_run(cfg, self.env, lambda _msg: None)
         index = len(run.stages) - 1 if self.stage is None else self.stage
-        return run, StageRunner(run, index)
+        self._built = (cfg, run, StageRunner(run, index))
+        return run, self._built[2]
 
     def _batches(self, run: Run):
         """An endless stream of training batches, across epochs; counts the host time spent waiting for them."""

@@ -87,7 +87,12 @@ def image_folder(root: Path, split: str) -> datasets.ImageFolder:
     try:
         return datasets.ImageFolder(path)
     except FileNotFoundError as err:  # a class folder without images
-        raise DataError(f"dataset folder {path}: {err}; every class folder needs at least one image") from err
+        classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+        empty = [name for name in classes if not any(datasets.folder.has_file_allowed_extension(f.name,
+                 datasets.folder.IMG_EXTENSIONS) for f in (path / name).iterdir())]
+        listed = ", ".join(empty[:5]) + (f", … ({len(empty)} of {len(classes)})" if len(empty) > 5 else "")
+        raise DataError(f"dataset folder {path}: class folders without images: {listed}; every class folder needs "
+                        f"at least one image ({', '.join(datasets.folder.IMG_EXTENSIONS)})") from err
 
 
 def load_image_folders(cfg: DataConfig, root: Path, seed: int):
