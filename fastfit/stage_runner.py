@@ -42,8 +42,10 @@ class StageRunner:
         self._checked = 0  # global step of the last non-finite check
         wrapped: nn.Module = self.model
         if run.env.distributed:
+            # Every parameter of a stage model is used at every step (the recipes need no find_unused_parameters),
+            # so the graph is static; gradients are views into the all-reduce buckets (no copy).
             wrapped = DistributedDataParallel(self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                              gradient_as_bucket_view=True)
+                                              gradient_as_bucket_view=True, static_graph=True)
         self.step_fn = torch.compile(wrapped, mode=rt.compile_mode) if rt.compile else wrapped
         self.teacher_fn = None
         if self.teacher is not None:
