@@ -1,12 +1,10 @@
 """torchrun + gloo: two processes train to the same student as one process with the same global batch."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from tiny_runs import torchrun
 
 # BN-free models: BatchNorm statistics are per process in DDP, so only a BN-free pair is expected to match exactly.
 CONFIG = """
@@ -55,22 +53,17 @@ log_interval = 1
 """
 
 
-def _torchrun(nproc: int, config, out, timeout: int = 300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-               "scripts/train.py", "--config", str(config), f'run.output_dir="{out}"']
-    result = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True,
-                            text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+def _train(nproc: int, config, out):
+    result = torchrun(nproc, config, out, timeout=300)
+    assert result.returncode == 0, result.stdout[-6000:]
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     config = tmp_path / "ddp.toml"
     config.write_text(CONFIG)
-    _torchrun(1, config, tmp_path / "one")
-    _torchrun(2, config, tmp_path / "two")
+    _train(1, config, tmp_path / "one")
+    _train(2, config, tmp_path / "two")
     one = torch.load(tmp_path / "one" / "student.pt", weights_only=True)
     two = torch.load(tmp_path / "two" / "student.pt", weights_only=True)
     for name, value in one.items():
