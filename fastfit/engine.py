@@ -135,7 +135,7 @@ def evaluate(model: nn.Module, loader, rt: Runtime, env: DistEnv) -> dict[str, f
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
     for images, labels in loader:
         with rt.autocast():
-            logits = model(images).float()
+            logits = model(rt.model_input(images)).float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hits = top == labels[:, None]

@@ -32,6 +32,12 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """DALI hands over float16 batches; without autocast the fp32 models need them as float32."""
+        if self.amp_dtype is None and images.dtype != torch.float32:
+            return images.float()
+        return images
+
     @property
     def fp16(self) -> bool:
         return self.amp_dtype == torch.float16

@@ -87,12 +87,13 @@ class StageRunner:
         if self.teacher_fn is None:
             return {}
         with self.run.rt.autocast():
-            return self.teacher_fn(images)
+            return self.teacher_fn(self.run.rt.model_input(images))
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, index: int, timer: PhaseTimer = NO_TIMER,
                    teacher_out: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """One optimizer step at step `index` of the stage, without a host sync: the loss terms (device tensors)
         and whether the update was applied. `teacher_out` replaces the teacher's forward (profiling)."""
+        images = self.run.rt.model_input(images)
         with timer.phase("teacher_forward"):
             if teacher_out is None:
                 teacher_out = self.teacher_outputs(images)
