@@ -110,6 +110,19 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def output_tile(ROWS, COLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                INDEX_64: tl.constexpr):
+    """This program's tile of a ROWS × COLS output in grouped order: (tiles per column, tile row, row and column
+    indices, their in-bounds masks)."""
+    num_m = tl.cdiv(ROWS, BLOCK_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, tl.cdiv(COLS, BLOCK_N), GROUP_M)
+    pid_m, pid_n = widen(pid_m, INDEX_64), widen(pid_n, INDEX_64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return num_m, pid_m, pid_n, rows, cols, rows < ROWS, cols < COLS
+
+
+@triton.jit
 def widen(x, INDEX_64: tl.constexpr):
     """Index type for offsets: int64 only when a tensor of the launch spans 2³¹ elements (see needs_int64)."""
     if INDEX_64:

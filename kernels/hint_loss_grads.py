@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .hint_loss_common import (INTERPRET, dot_precision, fixed_meta, grouped_tile, needs_int64, row_offsets, split_rows,
-                               tile_for, tuned, widen)
+from .hint_loss_common import (INTERPRET, dot_precision, fixed_meta, grouped_tile, needs_int64, output_tile, row_offsets,
+                               split_rows, tile_for, tuned, widen)
 
 
 @triton.jit
@@ -28,13 +28,7 @@ def _hint_dx_kernel(d_ptr, wa_ptr, s_ptr, mean_ptr, g1_ptr, g0_ptr, ds_ptr, M, C
     # dX tile (BLOCK_M rows, BLOCK_N student channels). Reads BLOCK_M×Ct of D, Ct×BLOCK_N of Wa (+ BLOCK_M×Cs of X,
     # Cs×BLOCK_N of G1 with batch statistics); writes BLOCK_M×BLOCK_N of dS in the student's layout.
     # Whole op: 2·M·Ct·Cs FLOPs (+ 2·M·Cs² with batch statistics); D read Cs/BLOCK_N times (L2), dS written once.
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(CS, BLOCK_N)
-    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
-    pid_m, pid_n = widen(pid_m, INDEX_64), widen(pid_n, INDEX_64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_ok, cols_ok = rows < M, cols < CS
+    _, pid_m, pid_n, rows, cols, rows_ok, cols_ok = output_tile(M, CS, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
     op_ty = tl.float32 if DOT_F32 else d_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c0 in range(0, CT, BLOCK_K):

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .hint_loss_common import (INTERPRET, check_runnable, dot_precision, fixed_meta, grouped_tile, needs_int64,
+from .hint_loss_common import (INTERPRET, check_runnable, dot_precision, fixed_meta, needs_int64, output_tile,
                                row_offsets, tile_for, tuned, widen)
 
 
@@ -42,13 +42,8 @@ def _tile(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, M, CS, CT, HW, W, s_sn, s_s
           w_so, w_si, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
           DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
     """This program's output tile, shared by both kernels: A = X Wᵀ, P = A·scale + shift and the teacher tile U."""
-    num_m = tl.cdiv(M, BLOCK_M)
+    num_m, pid_m, pid_n, rows, cols, rows_ok, cols_ok = output_tile(M, CT, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
     num_n = tl.cdiv(CT, BLOCK_N)
-    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
-    pid_m, pid_n = widen(pid_m, INDEX_64), widen(pid_n, INDEX_64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_ok, cols_ok = rows < M, cols < CT
     acc = _regress_tile(s_ptr, row_offsets(rows, HW, W, s_sn, s_sh, s_sw), rows_ok, s_sc, w_ptr, w_so, w_si, cols,
                         cols_ok, CS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PRECISION, INDEX_64)
     scale = tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)
