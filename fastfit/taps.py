@@ -25,17 +25,17 @@ def _graph_nodes(model: nn.Module) -> list[str]:
 
 
 def valid_tap_paths(model: nn.Module) -> list[str]:
-    """Module paths a tap may name (every submodule), in forward order where the FX graph knows it."""
-    modules = [name for name, _ in model.named_modules() if name]
-    return modules
+    """Module paths a tap may name: every submodule, in registration order."""
+    return [name for name, _ in model.named_modules() if name]
 
 
 def check_tap_paths(model: nn.Module, paths: list[str], role: str, model_name: str) -> None:
-    modules = set(valid_tap_paths(model))
-    nodes = set(_graph_nodes(model))
-    for path in paths:
-        if path not in modules and path not in nodes:
-            top = [name for name in valid_tap_paths(model) if name.count(".") <= 1]
+    modules = valid_tap_paths(model)
+    others = [path for path in paths if path not in set(modules)]
+    nodes = set(_graph_nodes(model)) if others else set()  # an FX trace only for paths that are not modules
+    for path in others:
+        if path not in nodes:
+            top = [name for name in modules if name.count(".") <= 1]
             raise TapError(f"{role} tap {path!r} is not a module of {model_name}; valid paths include: "
                            f"{', '.join(top)} (any submodule path, e.g. {top[-1]!r})")
 

@@ -101,7 +101,7 @@ class Profiler:
         return run, self._built[2]
 
     def _batches(self, run: Run):
-        """An endless stream of training batches, across epochs; counts the host time spent waiting for them."""
+        """An endless stream of training batches, epoch after epoch."""
         epoch = 0
         while True:
             for batch in run.data.train.epoch(epoch):
