@@ -18,8 +18,9 @@ class _SourceCheckoutKernels(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name != "fastfit.kernels":
             return None
-        return importlib.util.spec_from_file_location(name, self.folder / "__init__.py",
-                                                      submodule_search_locations=[str(self.folder)])
+        return importlib.util.spec_from_file_location(
+            name, self.folder / "__init__.py", submodule_search_locations=[str(self.folder)]
+        )
 
 
 _kernels = Path(__file__).resolve().parent.parent / "kernels"

@@ -37,10 +37,16 @@ def git_sha() -> str:
     """The commit being measured: the checkout's HEAD (marked -dirty when changed), else the build's record."""
     root = Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         try:
@@ -53,7 +59,7 @@ def git_sha() -> str:
 
 def environment() -> dict[str, Any]:
     info: dict[str, Any] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git_sha": git_sha(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "python": platform.python_version(),
@@ -87,7 +93,9 @@ def percentiles(samples_us: list[float]) -> dict[str, float]:
     return {"median_us": statistics.median(ordered), "p20_us": pick(0.2), "p80_us": pick(0.8)}
 
 
-def time_fn(fn: Callable[[int], Any], warmup: int = 10, iters: int = 50, device: torch.device | None = None) -> dict[str, float]:
+def time_fn(
+    fn: Callable[[int], Any], warmup: int = 10, iters: int = 50, device: torch.device | None = None
+) -> dict[str, float]:
     """Time fn(i) per call. `i` lets the caller rotate inputs so caches do not flatter the numbers.
 
     On CUDA every call is bracketed by its own events (no host sync inside the window); on CPU, wall clock.
@@ -104,7 +112,7 @@ def time_fn(fn: Callable[[int], Any], warmup: int = 10, iters: int = 50, device:
             fn(warmup + i)
             ends[i].record()
         torch.cuda.synchronize(device)  # deliberate: read the events once, after the window
-        samples = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+        samples = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends, strict=True)]
     else:
         samples = []
         for i in range(iters):
@@ -129,9 +137,11 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A plain fixed-width table for stdout."""
     cells = [[_fmt(row.get(col)) for col in columns] for row in rows]
     widths = [max(len(col), *(len(r[i]) for r in cells)) if cells else len(col) for i, col in enumerate(columns)]
-    lines = ["  ".join(col.rjust(w) for col, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines = [
+        "  ".join(col.rjust(w) for col, w in zip(columns, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+    ]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from fastfit.errors import FastfitError
 
 CHECKPOINT_FORMAT = "fastfit-checkpoint-1"
@@ -107,21 +108,29 @@ def load_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, An
     a file from an untrusted source cannot run code; pass False only for a file whose origin you trust."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint file, a run folder, or "
-                              "--resume auto")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; give a checkpoint file, a run folder, or --resume auto"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as err:
         if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
-            raise CheckpointError(f"checkpoint {path} holds Python objects beyond tensors and plain values, which "
-                                  "loading with weights_only=True refuses (they could run code); fastfit checkpoints "
-                                  "never do. If you trust its source, load it with fastfit.checkpoint.load_checkpoint("
-                                  "path, weights_only=False) and save its tensors again") from err
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it may be truncated — "
-                              "resume from an older checkpoint in the same folder") from err
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects beyond tensors and plain values, which "
+                "loading with weights_only=True refuses (they could run code); fastfit checkpoints "
+                "never do. If you trust its source, load it with fastfit.checkpoint.load_checkpoint("
+                "path, weights_only=False) and save its tensors again"
+            ) from err
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it may be truncated — "
+            "resume from an older checkpoint in the same folder"
+        ) from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a fastfit checkpoint (format {state.get('format') if isinstance(state, dict) else None!r}); "
-                              f"to start from plain weights use model.student_weights={path}")
+        raise CheckpointError(
+            f"{path} is not a fastfit checkpoint "
+            f"(format {state.get('format') if isinstance(state, dict) else None!r}); "
+            f"to start from plain weights use model.student_weights={path}"
+        )
     return state
 
 
@@ -149,7 +158,10 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
 def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: str | Path) -> None:
     differing = [key for key in _MUST_MATCH if _lookup(saved, key) != _lookup(current, key)]
     if differing:
-        details = "; ".join(f"{key}: checkpoint {_lookup(saved, key)!r} vs now {_lookup(current, key)!r}"
-                            for key in differing)
-        raise CheckpointError(f"checkpoint {path} comes from another config ({details}); resume with the config saved "
-                              "beside it (config.toml in the run folder) or start a new output_dir")
+        details = "; ".join(
+            f"{key}: checkpoint {_lookup(saved, key)!r} vs now {_lookup(current, key)!r}" for key in differing
+        )
+        raise CheckpointError(
+            f"checkpoint {path} comes from another config ({details}); resume with the config saved "
+            "beside it (config.toml in the run folder) or start a new output_dir"
+        )

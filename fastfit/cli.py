@@ -22,10 +22,15 @@ EXIT_PEER_FAILED = 1
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--config", "-c", required=required,
-                        help="a TOML file or the name of a shipped config (fastfit config list)")
-    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
-                        help="dotted overrides applied after the file, e.g. optim.lr=0.05 data.root=/data/imagenet")
+    parser.add_argument(
+        "--config", "-c", required=required, help="a TOML file or the name of a shipped config (fastfit config list)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.path=value",
+        help="dotted overrides applied after the file, e.g. optim.lr=0.05 data.root=/data/imagenet",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -69,8 +74,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"unknown profile section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
     cfg = load_config(args.config, args.overrides)
-    profile_throughput(cfg, steps=args.steps, warmup=args.warmup, sections=sections, ablate=args.ablate,
-                       trace_steps=args.trace_steps, stage=args.stage, json_path=args.json)
+    profile_throughput(
+        cfg,
+        steps=args.steps,
+        warmup=args.warmup,
+        sections=sections,
+        ablate=args.ablate,
+        trace_steps=args.trace_steps,
+        stage=args.stage,
+        json_path=args.json,
+    )
     return 0
 
 
@@ -100,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="teacher, student alone and FitNet on Fashion-MNIST, with a report")
     demo.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
-    demo.add_argument("--budget", choices=["auto", "cpu", "full"], default="auto",
-                      help="auto: full settings on a GPU, a 10-minute budget on CPU")
+    demo.add_argument(
+        "--budget",
+        choices=["auto", "cpu", "full"],
+        default="auto",
+        help="auto: full settings on a GPU, a 10-minute budget on CPU",
+    )
     demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     demo.add_argument("overrides", nargs="*", metavar="key.path=value", help="applied to all three runs")
@@ -109,8 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train with a config (also under torchrun)")
     _add_config_args(train)
-    train.add_argument("--resume", default=None,
-                       help="'auto' (newest checkpoint in run.output_dir, if any), a checkpoint file or a run folder")
+    train.add_argument(
+        "--resume",
+        default=None,
+        help="'auto' (newest checkpoint in run.output_dir, if any), a checkpoint file or a run folder",
+    )
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="top-1/top-5 of a student (and the configured teacher) on the val set")
@@ -127,11 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(profile)
     profile.add_argument("--steps", type=int, default=50, help="timed steps per section (after --warmup)")
     profile.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
-    profile.add_argument("--sections", nargs="+", metavar="SECTION",
-                         help="naive end_to_end compute_only teacher_only student_only loader_only (default: all)")
+    profile.add_argument(
+        "--sections",
+        nargs="+",
+        metavar="SECTION",
+        help="naive end_to_end compute_only teacher_only student_only loader_only (default: all)",
+    )
     profile.add_argument("--ablate", action="store_true", help="also end to end with each speed switch off in turn")
-    profile.add_argument("--trace-steps", type=int, default=0,
-                         help="write a torch.profiler trace of this many steps to run.output_dir/profile_trace")
+    profile.add_argument(
+        "--trace-steps",
+        type=int,
+        default=0,
+        help="write a torch.profiler trace of this many steps to run.output_dir/profile_trace",
+    )
     profile.add_argument("--stage", type=int, default=None, help="recipe stage to profile (default: the last)")
     profile.add_argument("--json", default=None, help="write the results JSON here (e.g. docs/results/…)")
     profile.set_defaults(func=cmd_profile)

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
+
 from fastfit.errors import FastfitError
 
 Auto = Literal["auto"]
@@ -26,22 +27,22 @@ class ConfigError(FastfitError):
 
 @dataclass
 class HintConfig:
-    student: str = "layer3"            # module path of the student's guided layer
-    teacher: str = "layer3"            # module path of the teacher's hint layer
+    student: str = "layer3"  # module path of the student's guided layer
+    teacher: str = "layer3"  # module path of the teacher's hint layer
     connector: Literal["mmrazor", "paper"] = "mmrazor"
     loss: Literal["normalized_l2", "half_sq", "mse"] = "normalized_l2"
     weight: float = 10.0
-    activation: Literal["relu", "none"] = "relu"   # the hint layer's nonlinearity, used by the paper regressor
+    activation: Literal["relu", "none"] = "relu"  # the hint layer's nonlinearity, used by the paper regressor
 
 
 @dataclass
 class KDConfig:
     temperature: float = 4.0
-    weight: float = 1.0                # λ at the start of the KD stage
-    weight_end: float | None = None    # λ at its end (linear anneal per step); None keeps it constant
+    weight: float = 1.0  # λ at the start of the KD stage
+    weight_end: float | None = None  # λ at its end (linear anneal per step); None keeps it constant
     reduction: Literal["batchmean", "mean", "sum"] = "batchmean"
     tau_squared: bool = True
-    form: Literal["kl", "ce"] = "kl"   # "ce" is the paper's H(P_T^τ, P_S^τ)
+    form: Literal["kl", "ce"] = "kl"  # "ce" is the paper's H(P_T^τ, P_S^τ)
 
 
 @dataclass
@@ -50,14 +51,14 @@ class RecipeConfig:
     ce_weight: float = 1.0
     hints: list[HintConfig] = field(default_factory=list)
     kd: KDConfig | None = None
-    hint_epochs: int = 0               # fitnets-paper stage 1 length
-    hint_lr: float | None = None       # stage-1 learning rate (constant); None uses optim.lr
+    hint_epochs: int = 0  # fitnets-paper stage 1 length
+    hint_lr: float | None = None  # stage-1 learning rate (constant); None uses optim.lr
 
 
 @dataclass
 class ModelConfig:
-    teacher: str = ""                  # torchvision classifier name or a fastfit demo model; "" = no teacher
-    teacher_weights: str = ""          # torchvision weights name (e.g. IMAGENET1K_V2) or a checkpoint path
+    teacher: str = ""  # torchvision classifier name or a fastfit demo model; "" = no teacher
+    teacher_weights: str = ""  # torchvision weights name (e.g. IMAGENET1K_V2) or a checkpoint path
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     student: str = "resnet18"
     student_weights: str = ""
@@ -67,30 +68,30 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.1                    # for the global batch below
+    lr: float = 0.1  # for the global batch below
     momentum: float = 0.9
     nesterov: bool = False
-    weight_decay: float = 1e-4         # on weights of rank ≥ 2 only; biases and norm parameters get none
+    weight_decay: float = 1e-4  # on weights of rank ≥ 2 only; biases and norm parameters get none
     epochs: int = 100
     milestones: list[int] = field(default_factory=lambda: [30, 60, 90])
     gamma: float = 0.1
     warmup_epochs: float = 0.0
-    batch_size: int = 256              # global, split evenly across ranks
+    batch_size: int = 256  # global, split evenly across ranks
     label_smoothing: float = 0.0
-    fused: bool | Auto = "auto"        # apex FusedSGD when importable, else torch's fused SGD (CUDA)
+    fused: bool | Auto = "auto"  # apex FusedSGD when importable, else torch's fused SGD (CUDA)
 
 
 @dataclass
 class DataConfig:
     dataset: Literal["imagefolder", "fashion-mnist"] = "imagefolder"
-    root: str = ""                     # folder holding train/ and val/ class folders ("" for fashion-mnist: cache)
+    root: str = ""  # folder holding train/ and val/ class folders ("" for fashion-mnist: cache)
     train_dir: str = "train"
     val_dir: str = "val"
-    train_list: str = ""               # DALI only: a text file of "relative/path label" lines instead of train_dir
+    train_list: str = ""  # DALI only: a text file of "relative/path label" lines instead of train_dir
     val_list: str = ""
     backend: Literal["torchvision", "dali", "auto"] = "torchvision"
     image_size: int = 224
-    val_resize: int = 256              # shorter side before the center crop; 0 = no resize
+    val_resize: int = 256  # shorter side before the center crop; 0 = no resize
     augment: Literal["rrc", "pad-crop", "none"] = "rrc"
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     rrc_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
@@ -98,9 +99,9 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     workers: int = 8
-    train_subset: int = 0              # > 0: a fixed class-balanced subset of the training set
+    train_subset: int = 0  # > 0: a fixed class-balanced subset of the training set
     val_subset: int = 0
-    skip_bad: bool = False             # skip (and count) corrupt images instead of stopping
+    skip_bad: bool = False  # skip (and count) corrupt images instead of stopping
     dali_threads: int = 8
     dali_hw_decoder_load: float = 0.9
 
@@ -110,23 +111,23 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"     # auto: bf16 on CUDA, off on CPU
-    channels_last: bool | Auto = "auto"                      # auto: on for CUDA
-    compile: bool | Auto = "auto"                            # auto: on for CUDA
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
+    channels_last: bool | Auto = "auto"  # auto: on for CUDA
+    compile: bool | Auto = "auto"  # auto: on for CUDA
     compile_mode: Literal["default", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    cuda_graphs: bool = False          # replay the compiled teacher forward and student step as CUDA graphs
-    fused_kernels: bool | Auto = "auto"                      # auto: fused Triton losses on CUDA
+    cuda_graphs: bool = False  # replay the compiled teacher forward and student step as CUDA graphs
+    fused_kernels: bool | Auto = "auto"  # auto: fused Triton losses on CUDA
     sync_bn: bool = False
     log_interval: int = 50
     eval_every: int = 1
     keep_checkpoints: int = 3
-    checkpoint_every_steps: int = 0    # > 0: also checkpoint mid-epoch every N global steps (resume loses < N steps)
-    max_steps_per_epoch: int = 0       # > 0 cuts epochs short (smoke tests, profiling)
+    checkpoint_every_steps: int = 0  # > 0: also checkpoint mid-epoch every N global steps (resume loses < N steps)
+    max_steps_per_epoch: int = 0  # > 0 cuts epochs short (smoke tests, profiling)
     deterministic: bool = False
     progress: bool = True
     tensorboard: bool = True
-    nonfinite: Literal["stop", "skip"] = "stop"   # on a NaN/Inf loss: stop with an error, or skip those steps
-    nonfinite_check_every: int = 50    # steps between the non-finite checks (one host sync each; also at log steps)
+    nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss: stop with an error, or skip those steps
+    nonfinite_check_every: int = 50  # steps between the non-finite checks (one host sync each; also at log steps)
     preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # → checkpoint, exit 75
 
 
@@ -148,8 +149,20 @@ RECIPE_PRESETS: dict[str, dict[str, Any]] = {
         "recipe": {
             "ce_weight": 1.0,
             "hints": [
-                {"student": "layer3", "teacher": "layer3", "connector": "mmrazor", "loss": "normalized_l2", "weight": 10.0},
-                {"student": "layer4", "teacher": "layer4", "connector": "mmrazor", "loss": "normalized_l2", "weight": 10.0},
+                {
+                    "student": "layer3",
+                    "teacher": "layer3",
+                    "connector": "mmrazor",
+                    "loss": "normalized_l2",
+                    "weight": 10.0,
+                },
+                {
+                    "student": "layer4",
+                    "teacher": "layer4",
+                    "connector": "mmrazor",
+                    "loss": "normalized_l2",
+                    "weight": 10.0,
+                },
             ],
             "kd": {"temperature": 6.0, "weight": 10.0, "reduction": "mean", "tau_squared": True, "form": "kl"},
         }
@@ -158,8 +171,14 @@ RECIPE_PRESETS: dict[str, dict[str, Any]] = {
         "recipe": {
             "ce_weight": 1.0,
             "hint_epochs": 1,
-            "kd": {"temperature": 3.0, "weight": 4.0, "weight_end": 1.0, "reduction": "batchmean",
-                   "tau_squared": False, "form": "ce"},
+            "kd": {
+                "temperature": 3.0,
+                "weight": 4.0,
+                "weight_end": 1.0,
+                "reduction": "batchmean",
+                "tau_squared": False,
+                "form": "ce",
+            },
         }
     },
     "supervised": {"recipe": {"kd": None, "hints": []}},
@@ -266,7 +285,8 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}; allowed keys in [{where or 'top level'}]: {', '.join(allowed)}")
+            f"unknown config key {prefix}{unknown[0]}; allowed keys in [{where or 'top level'}]: {', '.join(allowed)}"
+        )
     kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name) for name, value in table.items()}
     return cls(**kwargs)
 
@@ -275,15 +295,21 @@ def _validate(cfg: Config) -> None:
     r = cfg.recipe
     if r.name == "fitnets-paper":
         if not r.hints:
-            raise ConfigError("recipe fitnets-paper needs at least one [[recipe.hints]] (student guided layer → teacher hint layer)")
+            raise ConfigError(
+                "recipe fitnets-paper needs at least one [[recipe.hints]] (student guided layer → teacher hint layer)"
+            )
         if r.kd is None:
             raise ConfigError("recipe fitnets-paper needs [recipe.kd] for its second stage")
     if r.name != "supervised" and not cfg.model.teacher:
         raise ConfigError(f"recipe {r.name} needs model.teacher (a model name), got an empty string")
     if r.kd is not None and r.kd.temperature <= 0:
         raise ConfigError(f"recipe.kd.temperature must be > 0, got {r.kd.temperature}")
-    for name, value in (("optim.batch_size", cfg.optim.batch_size), ("optim.epochs", cfg.optim.epochs),
-                        ("model.num_classes", cfg.model.num_classes), ("data.image_size", cfg.data.image_size)):
+    for name, value in (
+        ("optim.batch_size", cfg.optim.batch_size),
+        ("optim.epochs", cfg.optim.epochs),
+        ("model.num_classes", cfg.model.num_classes),
+        ("data.image_size", cfg.data.image_size),
+    ):
         if value <= 0:
             raise ConfigError(f"{name} must be > 0, got {value}")
     if cfg.optim.lr <= 0:
@@ -338,7 +364,9 @@ def resolve_config_path(path: str | Path) -> Path:
         if shipped.is_file():
             return shipped
     available = sorted(p.stem for p in shipped_configs_dir().glob("*.toml"))
-    raise ConfigError(f"config file {str(path)!r} not found; give a path or one of the shipped configs: {', '.join(available)}")
+    raise ConfigError(
+        f"config file {str(path)!r} not found; give a path or one of the shipped configs: {', '.join(available)}"
+    )
 
 
 def _toml_value(value: Any) -> str:

@@ -14,8 +14,9 @@ from fastfit.taps import TapError
 
 class MMRazorConnector(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
-                         nn.ReLU(inplace=False))
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=False)
+        )
 
 
 class PaperRegressor(nn.Sequential):
@@ -26,23 +27,34 @@ class PaperRegressor(nn.Sequential):
         super().__init__(*layers)
 
 
-def build_connector(kind: str, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], activation: str = "relu",
-                    where: str = "hint") -> nn.Module:
+def build_connector(
+    kind: str,
+    student_shape: tuple[int, ...],
+    teacher_shape: tuple[int, ...],
+    activation: str = "relu",
+    where: str = "hint",
+) -> nn.Module:
     """A connector from a (C, H, W) student feature to a (C, H, W) teacher feature, or a TapError saying why not."""
     if len(student_shape) != 3 or len(teacher_shape) != 3:
-        raise TapError(f"{where}: hints need (C, H, W) feature maps, got student {student_shape} and teacher "
-                       f"{teacher_shape}; tap a convolutional stage instead")
+        raise TapError(
+            f"{where}: hints need (C, H, W) feature maps, got student {student_shape} and teacher "
+            f"{teacher_shape}; tap a convolutional stage instead"
+        )
     (cs, hs, ws), (ct, ht, wt) = student_shape, teacher_shape
     if kind == "mmrazor":
         if (hs, ws) != (ht, wt):
-            raise TapError(f"{where}: the 1×1 mmrazor connector needs equal spatial sizes, got student {hs}×{ws} and "
-                           f"teacher {ht}×{wt}; tap layers of the same resolution or use connector = 'paper'")
+            raise TapError(
+                f"{where}: the 1×1 mmrazor connector needs equal spatial sizes, got student {hs}×{ws} and "
+                f"teacher {ht}×{wt}; tap layers of the same resolution or use connector = 'paper'"
+            )
         return MMRazorConnector(cs, ct)
     if kind == "paper":
         kh, kw = hs - ht + 1, ws - wt + 1
         if kh < 1 or kw < 1:
-            raise TapError(f"{where}: no convolutional regressor maps student {hs}×{ws} onto the larger teacher "
-                           f"{ht}×{wt} (N_g − k + 1 = N_h needs N_g ≥ N_h); tap an earlier student layer or a later "
-                           "teacher layer")
+            raise TapError(
+                f"{where}: no convolutional regressor maps student {hs}×{ws} onto the larger teacher "
+                f"{ht}×{wt} (N_g − k + 1 = N_h needs N_g ≥ N_h); tap an earlier student layer or a later "
+                "teacher layer"
+            )
         return PaperRegressor(cs, ct, (kh, kw), activation)
     raise TapError(f"{where}: unknown connector {kind!r}; use 'mmrazor' or 'paper'")

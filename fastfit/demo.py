@@ -18,7 +18,11 @@ from fastfit.config import load_config
 from fastfit.engine import train
 from fastfit.report import write_report
 
-RUNS = (("teacher", "demo_fmnist_teacher"), ("student alone", "demo_fmnist_student"), ("FitNet student", "demo_fmnist_fitnet"))
+RUNS = (
+    ("teacher", "demo_fmnist_teacher"),
+    ("student alone", "demo_fmnist_student"),
+    ("FitNet student", "demo_fmnist_fitnet"),
+)
 
 # Sized on 2 CPU cores: the three runs take about 5 minutes together, evaluating on the full 10k test set.
 # The teacher, the fastest model per image, gets twice the images so it has something to teach.
@@ -36,8 +40,13 @@ def demo_overrides(role: str, budget: str) -> list[str]:
     return CPU_BUDGET["common"] + CPU_BUDGET[role]
 
 
-def run_demo(out: str | Path = "reports/demo", budget: str = "auto", device: str = "auto",
-             extra: list[str] | tuple[str, ...] = (), progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "reports/demo",
+    budget: str = "auto",
+    device: str = "auto",
+    extra: list[str] | tuple[str, ...] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
     out = Path(out)
     if budget == "auto":
         budget = "full" if (device != "cpu" and torch.cuda.is_available()) else "cpu"
@@ -45,8 +54,12 @@ def run_demo(out: str | Path = "reports/demo", budget: str = "auto", device: str
     results: dict[str, Any] = {}
     teacher_weights = None
     for role, config_name in RUNS:
-        overrides = [f"run.output_dir={_quoted(out / role.split()[0].lower())}", f"run.device={device}",
-                     f"run.progress={'true' if progress else 'false'}", *demo_overrides(role, budget)]
+        overrides = [
+            f"run.output_dir={_quoted(out / role.split()[0].lower())}",
+            f"run.device={device}",
+            f"run.progress={'true' if progress else 'false'}",
+            *demo_overrides(role, budget),
+        ]
         if role == "FitNet student":
             overrides.append(f"model.teacher_weights={_quoted(teacher_weights)}")
         cfg = load_config(config_name, [*overrides, *extra])
@@ -55,8 +68,12 @@ def run_demo(out: str | Path = "reports/demo", budget: str = "auto", device: str
         results[role] = {"config": config_name, "overrides": overrides, **summary}
         if role == "teacher":
             teacher_weights = out / "teacher" / "student.pt"  # the engine exports the trained model here
-    report = {"budget": budget, "device": "cuda" if (device != "cpu" and torch.cuda.is_available()) else "cpu",
-              "wall_seconds": time.perf_counter() - started, "runs": results}
+    report = {
+        "budget": budget,
+        "device": "cuda" if (device != "cpu" and torch.cuda.is_available()) else "cpu",
+        "wall_seconds": time.perf_counter() - started,
+        "runs": results,
+    }
     table = write_report(out, report)
     print("\n" + table)
     print(f"\nreport: {out / 'report.md'}  plot: {out / 'accuracy.png'}  data: {out / 'summary.json'}")

@@ -28,8 +28,13 @@ class WideCNN(nn.Module):
         self.stage1 = nn.Sequential(*_conv_bn_relu(3, width // 2, batch_norm), nn.MaxPool2d(2))
         self.stage2 = nn.Sequential(*_conv_bn_relu(width // 2, width, batch_norm), nn.MaxPool2d(2))
         self.stage3 = nn.Sequential(*_conv_bn_relu(width, width, batch_norm), nn.AdaptiveAvgPool2d(7))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width * 49, hidden), nn.ReLU(inplace=True), nn.Dropout(0.25),
-                                  nn.Linear(hidden, num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(width * 49, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.25),
+            nn.Linear(hidden, num_classes),
+        )
 
     def forward(self, x):
         return self.head(self.stage3(self.stage2(self.stage1(x))))
@@ -38,8 +43,13 @@ class WideCNN(nn.Module):
 class ThinDeepCNN(nn.Module):
     """Deep and thin (FitNet-style): `depth_per_stage` 3×3 convs per stage, pooling between stages."""
 
-    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (8, 16, 16), depth_per_stage: int = 3,
-                 batch_norm: bool = True):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        widths: tuple[int, ...] = (8, 16, 16),
+        depth_per_stage: int = 3,
+        batch_norm: bool = True,
+    ):
         super().__init__()
         cin = 3
         for index, width in enumerate(widths, start=1):

@@ -68,8 +68,12 @@ def setup_distributed(requested_device: str = "auto", timeout_s: float = 600.0) 
     timeout = datetime.timedelta(seconds=timeout_s)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
-                                **_restart_safe_store(rank, world_size, timeout))
+        dist.init_process_group(
+            backend=backend,
+            timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
+            **_restart_safe_store(rank, world_size, timeout),
+        )
     if world_size > 1 and _CONTROL is None:
         # Every rank creates it at the same point, as group creation is collective.
         _CONTROL = dist.new_group(backend="gloo", timeout=timeout)
@@ -89,8 +93,11 @@ def _restart_safe_store(rank: int, world_size: int, timeout: datetime.timedelta)
         return {}
     store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size, timeout=timeout))
     store.set_timeout(timeout)
-    return {"store": dist.PrefixStore(f"fastfit/attempt-{restart_count()}", store), "rank": rank,
-            "world_size": world_size}
+    return {
+        "store": dist.PrefixStore(f"fastfit/attempt-{restart_count()}", store),
+        "rank": rank,
+        "world_size": world_size,
+    }
 
 
 def cleanup_distributed(graceful: bool = True) -> None:
@@ -139,8 +146,14 @@ def control_barrier(env: DistEnv) -> None:
 
 # How collectives report that another process of the group went away (gloo, NCCL): then that process's own error
 # is the one the user must read, not this one.
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
-              "NCCL communicator was aborted", "ncclRemoteError")
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "remote process exited",
+    "NCCL communicator was aborted",
+    "ncclRemoteError",
+)
 
 
 def is_peer_failure(err: BaseException) -> bool:

@@ -27,15 +27,28 @@ def build_connectors(cfg: Config, teacher: nn.Module | None, student: nn.Module)
         return nn.ModuleDict()
     check_tap_paths(student, [h.student for h in hints], "student", cfg.model.student)
     check_tap_paths(teacher, [h.teacher for h in hints], "teacher", cfg.model.teacher)
-    student_shapes = infer_shapes(build_extractor(student, sorted({h.student for h in hints}), logits=False),
-                                  cfg.data.image_size, _device_of(student))
-    teacher_shapes = infer_shapes(build_extractor(teacher, sorted({h.teacher for h in hints}), logits=False),
-                                  cfg.data.image_size, _device_of(teacher))
-    return nn.ModuleDict({
-        hint_key(i): build_connector(h.connector, student_shapes[h.student], teacher_shapes[h.teacher], h.activation,
-                                     where=f"recipe.hints[{i}] ({h.student} → {h.teacher})")
-        for i, h in enumerate(hints)
-    })
+    student_shapes = infer_shapes(
+        build_extractor(student, sorted({h.student for h in hints}), logits=False),
+        cfg.data.image_size,
+        _device_of(student),
+    )
+    teacher_shapes = infer_shapes(
+        build_extractor(teacher, sorted({h.teacher for h in hints}), logits=False),
+        cfg.data.image_size,
+        _device_of(teacher),
+    )
+    return nn.ModuleDict(
+        {
+            hint_key(i): build_connector(
+                h.connector,
+                student_shapes[h.student],
+                teacher_shapes[h.teacher],
+                h.activation,
+                where=f"recipe.hints[{i}] ({h.student} → {h.teacher})",
+            )
+            for i, h in enumerate(hints)
+        }
+    )
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -70,8 +83,15 @@ class TeacherModel(nn.Module):
 class StageModel(nn.Module):
     """Student forward + connectors + losses for one stage; returns (total loss, unweighted terms, logits)."""
 
-    def __init__(self, cfg: Config, stage: Stage, student: nn.Module, connectors: nn.ModuleDict,
-                 fused_kd: bool = False, fused_hint: bool = False):
+    def __init__(
+        self,
+        cfg: Config,
+        stage: Stage,
+        student: nn.Module,
+        connectors: nn.ModuleDict,
+        fused_kd: bool = False,
+        fused_hint: bool = False,
+    ):
         super().__init__()
         recipe = cfg.recipe
         self.stage = stage
@@ -80,12 +100,19 @@ class StageModel(nn.Module):
         self.extractor = build_extractor(student, paths, logits=not stage.truncated)
         self.hint_losses = nn.ModuleList(
             HintLoss(connectors[hint_key(i)], h.loss, fused=fused_hint and fusable(connectors[hint_key(i)]))
-            for i, h in enumerate(self.hints))
+            for i, h in enumerate(self.hints)
+        )
         self.kd = None
         if stage.use_kd:
             kd = recipe.kd
-            self.kd = KDLoss(kd.temperature, kd.reduction, kd.tau_squared, kd.form,
-                             label_smoothing=cfg.optim.label_smoothing, fused=fused_kd)
+            self.kd = KDLoss(
+                kd.temperature,
+                kd.reduction,
+                kd.tau_squared,
+                kd.form,
+                label_smoothing=cfg.optim.label_smoothing,
+                fused=fused_kd,
+            )
         self.ce_weight = recipe.ce_weight
         self.label_smoothing = cfg.optim.label_smoothing
 
@@ -94,7 +121,7 @@ class StageModel(nn.Module):
         logits = features.get(LOGITS)
         terms: dict[str, Tensor] = {}
         total = images.new_zeros((), dtype=torch.float32)
-        for hint, loss_fn in zip(self.hints, self.hint_losses):
+        for hint, loss_fn in zip(self.hints, self.hint_losses, strict=True):
             value = loss_fn(features[hint.student], teacher_out[hint.teacher])
             terms[f"hint/{hint.student}"] = value
             total = total + hint.weight * value

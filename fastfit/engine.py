@@ -33,14 +33,27 @@ from fastfit.run_state import Log, Position, Run, export_student, save, step_see
 from fastfit.runtime import Runtime, resolve_runtime
 from fastfit.stage_runner import StageRunner
 
-__all__ = ["train", "setup_run", "fit", "evaluate", "build_models", "per_rank_batch", "step_seed", "StageRunner",
-           "Run", "Position", "restore"]
+__all__ = [
+    "train",
+    "setup_run",
+    "fit",
+    "evaluate",
+    "build_models",
+    "per_rank_batch",
+    "step_seed",
+    "StageRunner",
+    "Run",
+    "Position",
+    "restore",
+]
 
 
 def per_rank_batch(cfg: Config, env: DistEnv) -> int:
     if cfg.optim.batch_size % env.world_size:
-        raise ConfigError(f"optim.batch_size {cfg.optim.batch_size} (global) is not divisible by the {env.world_size} "
-                          f"processes; use a multiple of {env.world_size}")
+        raise ConfigError(
+            f"optim.batch_size {cfg.optim.batch_size} (global) is not divisible by the {env.world_size} "
+            f"processes; use a multiple of {env.world_size}"
+        )
     return cfg.optim.batch_size // env.world_size
 
 
@@ -58,9 +71,11 @@ def build_models(cfg: Config, rt: Runtime, needs_teacher: bool) -> tuple[nn.Modu
 
 def _check_run_switches(cfg: Config) -> None:
     r = cfg.run
-    for name, value, low in (("run.log_interval", r.log_interval, 1),
-                             ("run.nonfinite_check_every", r.nonfinite_check_every, 1),
-                             ("run.checkpoint_every_steps", r.checkpoint_every_steps, 0)):
+    for name, value, low in (
+        ("run.log_interval", r.log_interval, 1),
+        ("run.nonfinite_check_every", r.nonfinite_check_every, 1),
+        ("run.checkpoint_every_steps", r.checkpoint_every_steps, 0),
+    ):
         if value < low:
             raise ConfigError(f"{name} must be ≥ {low}, got {value}")
 
@@ -74,13 +89,17 @@ def setup_run(cfg: Config, env: DistEnv, log: Log) -> Run:
         torch.use_deterministic_algorithms(True, warn_only=True)
     data = build_loaders(cfg.data, env, per_rank_batch(cfg, env), cfg.run.seed, rt.channels_last)
     if len(data.classes) != cfg.model.num_classes:
-        raise ConfigError(f"the dataset at {data.root} has {len(data.classes)} classes but model.num_classes is "
-                          f"{cfg.model.num_classes}; set model.num_classes={len(data.classes)}")
+        raise ConfigError(
+            f"the dataset at {data.root} has {len(data.classes)} classes but model.num_classes is "
+            f"{cfg.model.num_classes}; set model.num_classes={len(data.classes)}"
+        )
     stages = build_stages(cfg)
     student, teacher = build_models(cfg, rt, any(s.uses_teacher for s in stages))
     if teacher is not None and not cfg.model.teacher_weights:
-        log(f"warning: model.teacher_weights is empty, so the teacher {cfg.model.teacher} is randomly initialized; "
-            "distilling from it only makes sense for tests")
+        log(
+            f"warning: model.teacher_weights is empty, so the teacher {cfg.model.teacher} is randomly initialized; "
+            "distilling from it only makes sense for tests"
+        )
     if env.distributed and cfg.run.sync_bn:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
@@ -103,8 +122,10 @@ def restore(run: Run, path: Path) -> None:
     run.restored = state
     if run.env.is_main:
         _truncate_metrics(run.out / "metrics.jsonl", run.position.global_step)
-    run.log(f"resumed from {path} at stage {run.position.stage} epoch {run.position.epoch} step {run.position.step} "
-            f"(global step {run.position.global_step})")
+    run.log(
+        f"resumed from {path} at stage {run.position.stage} epoch {run.position.epoch} step {run.position.step} "
+        f"(global step {run.position.global_step})"
+    )
 
 
 def _truncate_metrics(path: Path, global_step: int) -> None:
@@ -139,14 +160,21 @@ def evaluate(model: nn.Module, loader, rt: Runtime, env: DistEnv) -> dict[str, f
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hits = top == labels[:, None]
-        sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
-                             torch.nn.functional.cross_entropy(logits, labels, reduction="sum"),
-                             torch.tensor(labels.numel(), device=device)]).double()
+        sums += torch.stack(
+            [
+                hits[:, 0].sum(),
+                hits.any(dim=1).sum(),
+                torch.nn.functional.cross_entropy(logits, labels, reduction="sum"),
+                torch.tensor(labels.numel(), device=device),
+            ]
+        ).double()
     all_reduce_sum(sums, env)
     model.train(was_training)
     c1, c5, loss, n = sums.tolist()  # deliberate sync: once per evaluation
     n = max(n, 1.0)
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "val_loss": loss / n, "val_samples": int(n)}
+
+
 def _open_tensorboard(run: Run):
     if not (run.env.is_main and run.cfg.run.tensorboard):
         return None
@@ -155,6 +183,8 @@ def _open_tensorboard(run: Run):
     except ImportError:
         return None
     return SummaryWriter(log_dir=str(run.out / "tensorboard"))
+
+
 def fit(run: Run) -> dict[str, Any]:
     """Train every remaining stage from run.position; returns the run summary (also written as summary.json)."""
     cfg, started = run.cfg, time.perf_counter()
@@ -162,7 +192,9 @@ def fit(run: Run) -> dict[str, Any]:
     teacher_metrics = None
     if run.teacher is not None and run.cfg.model.teacher_weights:
         teacher_metrics = evaluate(run.teacher, run.data.val, run.rt, run.env)
-        run.log(f"teacher {cfg.model.teacher}: top-1 {teacher_metrics['top1']:.2f}  top-5 {teacher_metrics['top5']:.2f}")
+        run.log(
+            f"teacher {cfg.model.teacher}: top-1 {teacher_metrics['top1']:.2f}  top-5 {teacher_metrics['top5']:.2f}"
+        )
     restored = run.restored
     for index in range(run.position.stage, len(run.stages)):
         runner = StageRunner(run, index)
@@ -173,14 +205,18 @@ def fit(run: Run) -> dict[str, Any]:
         for epoch in range(first_epoch, stage.epochs):
             start_step = run.position.step if (run.position.stage, run.position.epoch) == (index, epoch) else 0
             run.position = Position(index, epoch, start_step, run.position.global_step)
-            record: dict[str, Any] = {"stage": stage.name, "epoch": epoch + 1,
-                                      **runner.train_one_epoch(epoch, start_step)}
+            record: dict[str, Any] = {
+                "stage": stage.name,
+                "epoch": epoch + 1,
+                **runner.train_one_epoch(epoch, start_step),
+            }
             if not stage.truncated and ((epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == stage.epochs):
                 record.update(evaluate(run.student, run.data.val, run.rt, run.env))
             run.history.append(record)
             done_stage = epoch + 1 == stage.epochs
-            run.position = Position(index + 1 if done_stage else index, 0 if done_stage else epoch + 1, 0,
-                                    run.position.global_step)
+            run.position = Position(
+                index + 1 if done_stage else index, 0 if done_stage else epoch + 1, 0, run.position.global_step
+            )
             # Logged before the checkpoint: a crash in between re-runs the epoch, and resuming drops the line.
             runner._emit({"global_step": run.position.global_step, **record})
             save(run, runner)
@@ -191,7 +227,9 @@ def fit(run: Run) -> dict[str, Any]:
         restored = None
     export_student(run)
     summary = {
-        "student": cfg.model.student, "teacher": cfg.model.teacher or None, "recipe": cfg.recipe.name,
+        "student": cfg.model.student,
+        "teacher": cfg.model.teacher or None,
+        "recipe": cfg.recipe.name,
         "student_params": sum(p.numel() for p in run.student.parameters()),
         "teacher_params": sum(p.numel() for p in run.teacher.parameters()) if run.teacher is not None else None,
         "teacher_metrics": teacher_metrics,
@@ -209,8 +247,11 @@ def fit(run: Run) -> dict[str, Any]:
 
 
 def _describe(record: dict[str, Any]) -> str:
-    parts = [f"{record['stage']} epoch {record['epoch']}", f"loss {record.get('train_loss', float('nan')):.4f}",
-             f"{record['train_img_s']:.0f} img/s"]
+    parts = [
+        f"{record['stage']} epoch {record['epoch']}",
+        f"loss {record.get('train_loss', float('nan')):.4f}",
+        f"{record['train_img_s']:.0f} img/s",
+    ]
     if "top1" in record:
         parts.append(f"top-1 {record['top1']:.2f} top-5 {record['top5']:.2f}")
     return "  ".join(parts)
@@ -225,8 +266,10 @@ def _start_fresh(run: Run) -> None:
     if (run.out / "metrics.jsonl").is_file():
         moved.append(ckpt.set_aside(run.out / "metrics.jsonl"))
     if moved:
-        run.log(f"{run.out} holds an earlier run; moved {', '.join(p.name for p in moved)} aside "
-                "(to continue that run instead, pass --resume auto)")
+        run.log(
+            f"{run.out} holds an earlier run; moved {', '.join(p.name for p in moved)} aside "
+            "(to continue that run instead, pass --resume auto)"
+        )
 
 
 def train(cfg: Config, resume: str | None = None, log: Log | None = None) -> dict[str, Any]:
@@ -261,8 +304,10 @@ def train(cfg: Config, resume: str | None = None, log: Log | None = None) -> dic
             # Give the launcher time to see the process that failed first (its error is the root cause to report);
             # torchrun stops this one meanwhile. Our signal handlers are already restored, so that ends it at once.
             time.sleep(5.0)
-            raise PeerFailure(f"rank {env.rank} stopped because another process of the run failed first; its error "
-                              "is the one to read (torchrun prints it as the root cause)") from err
+            raise PeerFailure(
+                f"rank {env.rank} stopped because another process of the run failed first; its error "
+                "is the one to read (torchrun prints it as the root cause)"
+            ) from err
         raise
     finally:
         cleanup_distributed(graceful)

@@ -13,7 +13,8 @@ from fastfit.runtime import resolve_runtime
 
 
 def evaluate_weights(cfg: Config, student_weights: str | None = None) -> dict[str, dict[str, Any]]:
-    """Metrics for the student (its configured weights, or `student_weights`) and for the teacher when it has weights."""
+    """Metrics for the student (its configured weights, or `student_weights`) and for the teacher when it has
+    weights."""
     env = setup_distributed(cfg.run.device)
     try:
         rt = resolve_runtime(cfg, env.device)

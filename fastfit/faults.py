@@ -34,8 +34,9 @@ class Fault:
 
     def after_step(self, rank: int) -> None:
         if self.kind == "raise":
-            raise RuntimeError(f"fault injected by {ENV}={os.environ.get(ENV)} at global step {self.step} "
-                               f"on rank {rank}")
+            raise RuntimeError(
+                f"fault injected by {ENV}={os.environ.get(ENV)} at global step {self.step} on rank {rank}"
+            )
         if self.kind in ("sigterm", "sigusr1", "sigkill"):
             os.kill(os.getpid(), getattr(signal, self.kind.upper()))
 
@@ -46,8 +47,10 @@ def fault_from_env(rank: int) -> Fault | None:
         return None
     match = _SPEC.match(spec.strip().lower())
     if match is None:
-        raise FastfitError(f"{ENV}={spec!r} is not <fault>@<step>[:rank<r>] with fault sigterm, sigusr1, sigkill, "
-                           f"raise or nan (e.g. sigterm@5:rank1); unset {ENV} for a normal run")
+        raise FastfitError(
+            f"{ENV}={spec!r} is not <fault>@<step>[:rank<r>] with fault sigterm, sigusr1, sigkill, "
+            f"raise or nan (e.g. sigterm@5:rank1); unset {ENV} for a normal run"
+        )
     kind, step, only_rank = match.group(1), int(match.group(2)), match.group(3)
     if restart_count() > 0 or (only_rank is not None and int(only_rank) != rank):
         return None

@@ -26,8 +26,10 @@ def hint_loss_reference(regressed: Tensor, teacher: Tensor, kind: str) -> Tensor
     if kind not in HINT_KINDS:
         raise ValueError(f"expected hint loss kind in {HINT_KINDS}, got {kind!r}")
     if regressed.shape != teacher.shape:
-        raise ValueError(f"expected the regressor output and teacher feature to match, got {tuple(regressed.shape)} "
-                         f"and {tuple(teacher.shape)}")
+        raise ValueError(
+            f"expected the regressor output and teacher feature to match, got {tuple(regressed.shape)} "
+            f"and {tuple(teacher.shape)}"
+        )
     n = regressed.shape[0]
     y = regressed.float().reshape(n, -1)
     u = teacher.detach().float().reshape(n, -1)
@@ -40,15 +42,23 @@ def hint_loss_reference(regressed: Tensor, teacher: Tensor, kind: str) -> Tensor
     return (y - u).pow(2).mean()
 
 
-def kd_loss_reference(student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: str = "batchmean",
-                      tau_squared: bool = True, form: str = "kl") -> Tensor:
+def kd_loss_reference(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    reduction: str = "batchmean",
+    tau_squared: bool = True,
+    form: str = "kl",
+) -> Tensor:
     if reduction not in KD_REDUCTIONS:
         raise ValueError(f"expected KD reduction in {KD_REDUCTIONS}, got {reduction!r}")
     if form not in KD_FORMS:
         raise ValueError(f"expected KD form in {KD_FORMS}, got {form!r}")
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-        raise ValueError(f"expected student and teacher logits of one (N, C) shape, got {tuple(student_logits.shape)} "
-                         f"and {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"expected student and teacher logits of one (N, C) shape, got {tuple(student_logits.shape)} "
+            f"and {tuple(teacher_logits.shape)}"
+        )
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
     p_t = log_p_t.exp()
@@ -67,11 +77,20 @@ class KDLoss(nn.Module):
     Returns (kd, ce); ce is None without labels. With fused=True both come from one Triton pass over each row.
     """
 
-    def __init__(self, temperature: float, reduction: str = "batchmean", tau_squared: bool = True, form: str = "kl",
-                 label_smoothing: float = 0.0, fused: bool = False):
+    def __init__(
+        self,
+        temperature: float,
+        reduction: str = "batchmean",
+        tau_squared: bool = True,
+        form: str = "kl",
+        label_smoothing: float = 0.0,
+        fused: bool = False,
+    ):
         super().__init__()
         if reduction not in KD_REDUCTIONS or form not in KD_FORMS:
-            raise ValueError(f"expected reduction in {KD_REDUCTIONS} and form in {KD_FORMS}, got {reduction!r}, {form!r}")
+            raise ValueError(
+                f"expected reduction in {KD_REDUCTIONS} and form in {KD_FORMS}, got {reduction!r}, {form!r}"
+            )
         self.temperature, self.reduction, self.tau_squared, self.form = temperature, reduction, tau_squared, form
         self.label_smoothing, self.fused = label_smoothing, fused
         if fused:
@@ -81,18 +100,29 @@ class KDLoss(nn.Module):
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None):
         if self.fused:
-            return self._fused_kd_loss(student_logits, teacher_logits, labels, self.temperature, self.reduction,
-                                 self.tau_squared, self.form, self.label_smoothing)
-        kd = kd_loss_reference(student_logits, teacher_logits, self.temperature, self.reduction, self.tau_squared,
-                               self.form)
+            return self._fused_kd_loss(
+                student_logits,
+                teacher_logits,
+                labels,
+                self.temperature,
+                self.reduction,
+                self.tau_squared,
+                self.form,
+                self.label_smoothing,
+            )
+        kd = kd_loss_reference(
+            student_logits, teacher_logits, self.temperature, self.reduction, self.tau_squared, self.form
+        )
         ce = None
         if labels is not None:
             ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=self.label_smoothing)
         return kd, ce
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, reduction={self.reduction!r}, tau_squared={self.tau_squared}, "
-                f"form={self.form!r}, fused={self.fused}")
+        return (
+            f"temperature={self.temperature}, reduction={self.reduction!r}, tau_squared={self.tau_squared}, "
+            f"form={self.form!r}, fused={self.fused}"
+        )
 
 
 class HintLoss(nn.Module):
@@ -104,11 +134,16 @@ class HintLoss(nn.Module):
             raise ValueError(f"expected hint loss kind in {HINT_KINDS}, got {kind!r}")
         self.connector, self.kind, self.fused = connector, kind, fused
         if fused:
-            from fastfit.kernels import fused_connector_hint_loss, supports_connector  # only when asked: pulls in Triton
+            from fastfit.kernels import (
+                fused_connector_hint_loss,
+                supports_connector,
+            )  # only when asked: pulls in Triton
 
             if not supports_connector(connector):
-                raise ValueError(f"expected a connector the fused hint op supports (1×1 conv [+ BatchNorm2d] [+ ReLU]), "
-                                 f"got {' → '.join(map(repr, connector.children())) or repr(connector)}; use fused=False for it")
+                raise ValueError(
+                    f"expected a connector the fused hint op supports (1×1 conv [+ BatchNorm2d] [+ ReLU]), "
+                    f"got {' → '.join(map(repr, connector.children())) or repr(connector)}; use fused=False for it"
+                )
             self._fused_hint_loss = fused_connector_hint_loss
 
     def forward(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:

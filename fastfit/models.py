@@ -39,17 +39,24 @@ def _plain_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, weights: str, role: str) -> None:
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise ModelError(f"{role} weights file {str(path)!r} does not exist; give a checkpoint path "
-                         "or a torchvision weights name such as IMAGENET1K_V1")
+        raise ModelError(
+            f"{role} weights file {str(path)!r} does not exist; give a checkpoint path "
+            "or a torchvision weights name such as IMAGENET1K_V1"
+        )
     state = _plain_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    reshaped = [f"{k} {tuple(state[k].shape)}→{tuple(v.shape)}" for k, v in expected.items()
-                if k in state and state[k].shape != v.shape]
+    reshaped = [
+        f"{k} {tuple(state[k].shape)}→{tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if missing or unexpected or reshaped:
-        raise ModelError(f"{role} weights {path} do not match the model: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}, shape changes {reshaped[:5]} (are model.{role} and model.num_classes right?)")
+        raise ModelError(
+            f"{role} weights {path} do not match the model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, shape changes {reshaped[:5]} (are model.{role} and model.num_classes right?)"
+        )
     model.load_state_dict(state)
 
 
@@ -57,15 +64,18 @@ def _looks_like_path(weights: str) -> bool:
     return any(sep in weights for sep in ("/", "\\")) or weights.endswith((".pt", ".pth", ".ckpt", ".bin"))
 
 
-def build_model(name: str, num_classes: int, weights: str = "", kwargs: dict[str, Any] | None = None,
-                role: str = "student") -> nn.Module:
+def build_model(
+    name: str, num_classes: int, weights: str = "", kwargs: dict[str, Any] | None = None, role: str = "student"
+) -> nn.Module:
     """A classifier by name. `weights`: '' (random init), a checkpoint path, or a torchvision weights name."""
     kwargs = dict(kwargs or {})
     if name in DEMO_MODELS:
         model = DEMO_MODELS[name](num_classes=num_classes, **kwargs)
         if weights:
             if not _looks_like_path(weights) and not Path(weights).exists():
-                raise ModelError(f"{role} {name!r} is a fastfit demo model: its weights must be a checkpoint path, got {weights!r}")
+                raise ModelError(
+                    f"{role} {name!r} is a fastfit demo model: its weights must be a checkpoint path, got {weights!r}"
+                )
             load_weights(model, weights, role)
         return model
     try:
@@ -73,9 +83,11 @@ def build_model(name: str, num_classes: int, weights: str = "", kwargs: dict[str
     except ValueError:
         close = difflib.get_close_matches(name, available_models(), n=5, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ModelError(f"unknown model.{role} {name!r}; {hint}choose a torchvision classifier "
-                         f"(torchvision.models.list_models(), {len(available_models()) - len(DEMO_MODELS)} of them) "
-                         f"or a demo model ({', '.join(sorted(DEMO_MODELS))})") from None
+        raise ModelError(
+            f"unknown model.{role} {name!r}; {hint}choose a torchvision classifier "
+            f"(torchvision.models.list_models(), {len(available_models()) - len(DEMO_MODELS)} of them) "
+            f"or a demo model ({', '.join(sorted(DEMO_MODELS))})"
+        ) from None
     if weights and not _looks_like_path(weights) and not Path(weights).exists():
         # A torchvision weights name: 'IMAGENET1K_V2' or 'ResNet50_Weights.IMAGENET1K_V2'. This downloads.
         try:
@@ -83,11 +95,15 @@ def build_model(name: str, num_classes: int, weights: str = "", kwargs: dict[str
             member = enum[weights.split(".")[-1]]
         except (KeyError, ValueError):
             names = [w.name for w in torchvision.models.get_model_weights(name)]
-            raise ModelError(f"model.{role}_weights {weights!r} is neither a file nor a torchvision weights name for "
-                             f"{name}; valid names: {', '.join(names)}") from None
+            raise ModelError(
+                f"model.{role}_weights {weights!r} is neither a file nor a torchvision weights name for "
+                f"{name}; valid names: {', '.join(names)}"
+            ) from None
         classes = len(member.meta["categories"])
         if classes != num_classes:
-            raise ModelError(f"{name} weights {member.name} have {classes} classes but model.num_classes is {num_classes}")
+            raise ModelError(
+                f"{name} weights {member.name} have {classes} classes but model.num_classes is {num_classes}"
+            )
         return builder(weights=member, **kwargs)
     model = builder(weights=None, num_classes=num_classes, **kwargs)
     if weights:

@@ -63,7 +63,7 @@ class _Buffers:
         for dtype, group in self.groups.items():
             mixed = torch.where(bad, self.saved[dtype], torch.cat([b.reshape(-1) for b in group]))
             parts = mixed.split([b.numel() for b in group])
-            torch._foreach_copy_(group, [part.view(b.shape) for part, b in zip(parts, group)])
+            torch._foreach_copy_(group, [part.view(b.shape) for part, b in zip(parts, group, strict=True)])
 
 
 class NonFiniteGuard:
@@ -151,15 +151,21 @@ class NonFiniteGuard:
         total of them (skip; `skipped` is the total before)."""
         if counts.numel() == 0 or int(counts[0]) == 0:
             return skipped
-        bad = ", ".join(f"{name} ({int(n)} step{'s' if int(n) != 1 else ''})"
-                        for name, n in zip(self.names, counts[1:].tolist()) if n)
+        bad = ", ".join(
+            f"{name} ({int(n)} step{'s' if int(n) != 1 else ''})"
+            for name, n in zip(self.names, counts[1:].tolist(), strict=True)
+            if n
+        )
         span = f"global steps {first_step}–{last_step}" if first_step < last_step else f"global step {last_step}"
         if self.mode == "stop":
             raise NonFiniteError(
                 f"non-finite loss in {where}, {span}: {bad} became NaN/Inf; nothing was saved after it. Resume from "
                 "the last checkpoint (--resume auto) with a lower optim.lr (or run.amp=bf16 instead of fp16), or set "
-                "run.nonfinite=skip to skip such steps")
+                "run.nonfinite=skip to skip such steps"
+            )
         skipped += int(counts[0])
-        log(f"warning: skipped {int(counts[0])} step(s) with a non-finite loss or gradient in {where}, {span}: {bad} "
-            f"({skipped} skipped so far)")
+        log(
+            f"warning: skipped {int(counts[0])} step(s) with a non-finite loss or gradient in {where}, {span}: {bad} "
+            f"({skipped} skipped so far)"
+        )
         return skipped

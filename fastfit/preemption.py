@@ -42,7 +42,8 @@ class Preempted(Exception):
         super().__init__(
             f"stopped by {signal_name} after global step {position.global_step} (stage {position.stage + 1}, epoch "
             f"{position.epoch + 1}, step {position.step}); checkpoint {checkpoint}; run the same command with "
-            "--resume auto to continue (torchrun --max-restarts does so automatically)")
+            "--resume auto to continue (torchrun --max-restarts does so automatically)"
+        )
 
 
 class PeerFailure(RuntimeError):
@@ -55,8 +56,10 @@ def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
     for name in names:
         sig = getattr(signal, str(name).upper(), None)
         if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
-            raise ConfigError(f"run.preemption_signals: {name!r} is not a signal a process can catch; use names such "
-                              "as SIGTERM, SIGUSR1, SIGUSR2 or SIGHUP (or [] to turn preemption handling off)")
+            raise ConfigError(
+                f"run.preemption_signals: {name!r} is not a signal a process can catch; use names such "
+                "as SIGTERM, SIGUSR1, SIGUSR2 or SIGHUP (or [] to turn preemption handling off)"
+            )
         parsed.append(sig)
     return parsed
 

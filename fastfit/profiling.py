@@ -37,8 +37,7 @@ class LossMeter:
         values = values.tolist()
         if reset:
             self._sums, self._count = {}, 0
-        return dict(zip(names, values))
-
+        return dict(zip(names, values, strict=True))
 
     def state_dict(self) -> dict:
         """The partial sums (on the CPU), for a mid-epoch checkpoint."""
@@ -50,7 +49,8 @@ class LossMeter:
 
 
 class Throughput:
-    """Images per second since the last `rate()` call (wall clock; callers sync at window edges when exactness matters)."""
+    """Images per second since the last `rate()` call (wall clock; callers sync at window edges when exactness
+    matters)."""
 
     def __init__(self) -> None:
         self._images = 0

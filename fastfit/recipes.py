@@ -16,12 +16,12 @@ from fastfit.config import Config
 
 @dataclass(frozen=True)
 class Stage:
-    name: str                  # "hint" | "kd" | "joint" | "supervised"
+    name: str  # "hint" | "kd" | "joint" | "supervised"
     epochs: int
     use_hints: bool
     use_kd: bool
     use_ce: bool
-    truncated: bool            # the student runs only up to its guided layers (no logits)
+    truncated: bool  # the student runs only up to its guided layers (no logits)
     constant_lr: float | None  # a fixed learning rate instead of optim's schedule
 
     @property

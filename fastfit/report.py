@@ -16,9 +16,17 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         trained = [h for h in run["history"] if "train_img_s" in h]
         images = sum(h["train_img_s"] * h["train_seconds"] for h in trained)
         seconds = sum(h["train_seconds"] for h in trained)
-        rows.append({"run": role, "model": run["student"], "params": run["student_params"],
-                     "top1": final.get("top1"), "top5": final.get("top5"),
-                     "train_img_s": images / seconds if seconds else None, "wall_s": run["wall_seconds"]})
+        rows.append(
+            {
+                "run": role,
+                "model": run["student"],
+                "params": run["student_params"],
+                "top1": final.get("top1"),
+                "top5": final.get("top5"),
+                "train_img_s": images / seconds if seconds else None,
+                "wall_s": run["wall_seconds"],
+            }
+        )
     return rows
 
 
@@ -33,7 +41,7 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
     for role, run in report["runs"].items():
         points = [(i + 1, h["top1"]) for i, h in enumerate(h for h in run["history"] if "top1" in h)]
         if points:
-            ax.plot(*zip(*points), marker="o", label=f"{role} ({run['student']})")
+            ax.plot(*zip(*points, strict=True), marker="o", label=f"{role} ({run['student']})")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch (classification stages)")
     ax.set_ylabel("top-1 on the test set (%)")
@@ -49,12 +57,22 @@ def write_report(out: Path, report: dict[str, Any]) -> str:
     out.mkdir(parents=True, exist_ok=True)
     rows = summary_rows(report)
     table = format_table(rows, ["run", "model", "params", "top1", "top5", "train_img_s", "wall_s"])
-    (out / "summary.json").write_text(json.dumps({"environment": environment(), **report, "table": rows}, indent=2,
-                                                 default=str) + "\n")
+    (out / "summary.json").write_text(
+        json.dumps({"environment": environment(), **report, "table": rows}, indent=2, default=str) + "\n"
+    )
     plot_curves(report, out / "accuracy.png")
-    lines = ["# fastfit demo: FitNets on Fashion-MNIST", "",
-             f"Budget: {report['budget']} on {report['device']}, total wall time {report['wall_seconds']:.0f} s.", "",
-             "```", table, "```", "", "![top-1 per epoch](accuracy.png)", "",
-             "Each run's config overrides and full history are in summary.json."]
+    lines = [
+        "# fastfit demo: FitNets on Fashion-MNIST",
+        "",
+        f"Budget: {report['budget']} on {report['device']}, total wall time {report['wall_seconds']:.0f} s.",
+        "",
+        "```",
+        table,
+        "```",
+        "",
+        "![top-1 per epoch](accuracy.png)",
+        "",
+        "Each run's config overrides and full history are in summary.json.",
+    ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return table

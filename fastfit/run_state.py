@@ -50,8 +50,8 @@ class Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     writer: Any = None
     restored: dict[str, Any] | None = None  # the checkpoint resumed from, until its stage has loaded it
-    signals: StopSignals | None = None      # preemption requests (installed by train())
-    skipped_steps: int = 0                  # steps skipped for non-finite losses (run.nonfinite = "skip")
+    signals: StopSignals | None = None  # preemption requests (installed by train())
+    skipped_steps: int = 0  # steps skipped for non-finite losses (run.nonfinite = "skip")
 
 
 def step_seed(seed: int, rank: int, global_step: int) -> int:
@@ -75,8 +75,10 @@ def save(run: Run, runner: StageRunner) -> Path | None:
         "history": run.history,
         "meters": meters,  # one entry per rank
         "skipped_steps": run.skipped_steps,
-        "rng": {"scheme": "torch.manual_seed(step_seed(seed, rank, global_step)) before every step",
-                "seed": run.cfg.run.seed},
+        "rng": {
+            "scheme": "torch.manual_seed(step_seed(seed, rank, global_step)) before every step",
+            "seed": run.cfg.run.seed,
+        },
     }
     return ckpt.save_checkpoint(run.out / "checkpoints", state, run.cfg.run.keep_checkpoints)
 

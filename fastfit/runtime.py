@@ -62,14 +62,22 @@ def resolve_runtime(cfg: Config, device: torch.device) -> Runtime:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     fused_kernels = _auto(cfg.run.fused_kernels, cuda and triton_usable(device))
     if fused_kernels and not triton_usable(device):
-        raise ConfigError("run.fused_kernels = true needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
-                           "set run.fused_kernels=auto")
+        raise ConfigError(
+            "run.fused_kernels = true needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+            "set run.fused_kernels=auto"
+        )
     compile = _auto(cfg.run.compile, cuda)
     if cfg.run.cuda_graphs and not compile:
         raise ConfigError("run.cuda_graphs = true needs run.compile = true (the graphs are captured by torch.compile)")
-    return Runtime(device=device, amp_dtype=amp_dtype, channels_last=_auto(cfg.run.channels_last, cuda),
-                   compile=compile, compile_mode=compile_mode(cfg.run.compile_mode, cfg.run.cuda_graphs) if compile else None,
-                   fused_kernels=fused_kernels, fused_optimizer=_auto(cfg.optim.fused, cuda))
+    return Runtime(
+        device=device,
+        amp_dtype=amp_dtype,
+        channels_last=_auto(cfg.run.channels_last, cuda),
+        compile=compile,
+        compile_mode=compile_mode(cfg.run.compile_mode, cfg.run.cuda_graphs) if compile else None,
+        fused_kernels=fused_kernels,
+        fused_optimizer=_auto(cfg.optim.fused, cuda),
+    )
 
 
 def compile_mode(mode: str, cuda_graphs: bool) -> str:
@@ -91,8 +99,9 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(named: Iterable[tuple[str, nn.Parameter]], optim: OptimConfig, runtime: Runtime,
-                    needs_found_inf: bool = False):
+def build_optimizer(
+    named: Iterable[tuple[str, nn.Parameter]], optim: OptimConfig, runtime: Runtime, needs_found_inf: bool = False
+):
     """SGD with momentum: apex FusedSGD when importable on CUDA, else torch's fused SGD on CUDA, else foreach.
     needs_found_inf: the step must accept GradScaler-style `found_inf` (a device-side skip): torch's fused SGD."""
     groups = param_groups(named, optim.weight_decay)
@@ -103,8 +112,9 @@ def build_optimizer(named: Iterable[tuple[str, nn.Parameter]], optim: OptimConfi
             try:
                 from apex.optimizers import FusedSGD  # optional: a source build of NVIDIA apex
 
-                return FusedSGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
-                                set_grad_none=True)
+                return FusedSGD(
+                    groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, set_grad_none=True
+                )
             except ImportError:
                 pass
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=True)

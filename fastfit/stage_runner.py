@@ -27,12 +27,14 @@ class StageRunner:
     def __init__(self, run: Run, index: int):
         cfg, rt = run.cfg, run.rt
         self.run, self.index, self.stage = run, index, run.stages[index]
-        self.model = StageModel(cfg, self.stage, run.student, run.connectors, fused_kd=rt.fused_kernels,
-                                fused_hint=rt.fused_kernels)
+        self.model = StageModel(
+            cfg, self.stage, run.student, run.connectors, fused_kd=rt.fused_kernels, fused_hint=rt.fused_kernels
+        )
         self.teacher = TeacherModel(run.teacher, cfg.recipe.hints, self.stage) if self.stage.uses_teacher else None
         # Skipping a step on the device (run.nonfinite = "skip") needs an optimizer taking `found_inf`.
-        self.optimizer = build_optimizer(self.model.named_parameters(), cfg.optim, rt,
-                                         needs_found_inf=cfg.run.nonfinite == "skip")
+        self.optimizer = build_optimizer(
+            self.model.named_parameters(), cfg.optim, rt, needs_found_inf=cfg.run.nonfinite == "skip"
+        )
         prime_momentum(self.optimizer)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.fp16)
         self.guard = NonFiniteGuard(cfg.run.nonfinite, rt.fp16, rt.device, [run.student, run.connectors])
@@ -44,8 +46,12 @@ class StageRunner:
         if run.env.distributed:
             # Every parameter of a stage model is used at every step (the recipes need no find_unused_parameters),
             # so the graph is static; gradients are views into the all-reduce buckets (no copy).
-            wrapped = DistributedDataParallel(self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                              gradient_as_bucket_view=True, static_graph=True)
+            wrapped = DistributedDataParallel(
+                self.model,
+                device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                gradient_as_bucket_view=True,
+                static_graph=True,
+            )
         self.step_fn = torch.compile(wrapped, mode=rt.compile_mode) if rt.compile else wrapped
         self.teacher_fn = None
         if self.teacher is not None:
@@ -69,8 +75,10 @@ class StageRunner:
             per_rank = state["meters"]
             env = self.run.env
             if len(per_rank) != env.world_size:
-                self.run.log(f"note: the checkpoint was written by {len(per_rank)} processes, this run has "
-                             f"{env.world_size}; this epoch's logged means continue from rank 0's partial sums")
+                self.run.log(
+                    f"note: the checkpoint was written by {len(per_rank)} processes, this run has "
+                    f"{env.world_size}; this epoch's logged means continue from rank 0's partial sums"
+                )
             saved = per_rank[env.rank if len(per_rank) == env.world_size else 0]
             self.meter.load_state_dict(saved["interval"], self.run.rt.device)
             self.epoch_meter.load_state_dict(saved["epoch"], self.run.rt.device)
@@ -89,8 +97,14 @@ class StageRunner:
         with self.run.rt.autocast():
             return self.teacher_fn(self.run.rt.model_input(images))
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, index: int, timer: PhaseTimer = NO_TIMER,
-                   teacher_out: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def train_step(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        index: int,
+        timer: PhaseTimer = NO_TIMER,
+        teacher_out: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """One optimizer step at step `index` of the stage, without a host sync: the loss terms (device tensors)
         and whether the update was applied. `teacher_out` replaces the teacher's forward (profiling)."""
         images = self.run.rt.model_input(images)
@@ -122,8 +136,13 @@ class StageRunner:
         if run.env.is_main and cfg.run.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.steps_per_epoch, initial=start_step, leave=False, dynamic_ncols=True,
-                       desc=f"{self.stage.name} {epoch + 1}/{self.stage.epochs}")
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=start_step,
+                leave=False,
+                dynamic_ncols=True,
+                desc=f"{self.stage.name} {epoch + 1}/{self.stage.epochs}",
+            )
         started = time.perf_counter()
         steps_run = 0
         # A checkpoint written after an epoch's last step resumes with nothing left to run in that epoch.
@@ -176,13 +195,27 @@ class StageRunner:
         if check or preempt:  # a preemption checkpoint must not hold diverged weights either
             stop, counts = self.agreement.agree(self.guard.read())
             preempt = preempt or stop
-            run.skipped_steps = self.guard.settle(counts, f"stage {self.stage.name} epoch {epoch + 1}",
-                                                  self._checked + 1, global_step, run.skipped_steps, run.log)
+            run.skipped_steps = self.guard.settle(
+                counts,
+                f"stage {self.stage.name} epoch {epoch + 1}",
+                self._checked + 1,
+                global_step,
+                run.skipped_steps,
+                run.log,
+            )
             self._checked = global_step
         if log_now:
             values = self.guard.unmask(self.meter.read(env=run.env))
-            record = {"stage": self.stage.name, "epoch": epoch, "step": step + 1, "global_step": global_step,
-                      "lr": lr, **({"kd_weight": lam} if self.stage.use_kd else {}), "img_s": speed.rate(), **values}
+            record = {
+                "stage": self.stage.name,
+                "epoch": epoch,
+                "step": step + 1,
+                "global_step": global_step,
+                "lr": lr,
+                **({"kd_weight": lam} if self.stage.use_kd else {}),
+                "img_s": speed.rate(),
+                **values,
+            }
             if cfg.run.nonfinite == "skip":
                 record["skipped_steps"] = run.skipped_steps
             self._emit(record)

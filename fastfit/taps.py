@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
 from fastfit.errors import FastfitError
 
 LOGITS = "logits"
@@ -36,8 +37,10 @@ def check_tap_paths(model: nn.Module, paths: list[str], role: str, model_name: s
     for path in others:
         if path not in nodes:
             top = [name for name in modules if name.count(".") <= 1]
-            raise TapError(f"{role} tap {path!r} is not a module of {model_name}; valid paths include: "
-                           f"{', '.join(top)} (any submodule path, e.g. {top[-1]!r})")
+            raise TapError(
+                f"{role} tap {path!r} is not a module of {model_name}; valid paths include: "
+                f"{', '.join(top)} (any submodule path, e.g. {top[-1]!r})"
+            )
 
 
 def build_extractor(model: nn.Module, paths: list[str], logits: bool) -> fx.GraphModule:
@@ -51,7 +54,9 @@ def build_extractor(model: nn.Module, paths: list[str], logits: bool) -> fx.Grap
 
 
 @torch.no_grad()
-def infer_shapes(extractor: nn.Module, image_size: int, device: torch.device | str = "cpu") -> dict[str, tuple[int, ...]]:
+def infer_shapes(
+    extractor: nn.Module, image_size: int, device: torch.device | str = "cpu"
+) -> dict[str, tuple[int, ...]]:
     """Per-sample output shapes of every tap, from one dry forward in eval mode (BN running stats untouched)."""
     was_training = extractor.training
     extractor.eval()

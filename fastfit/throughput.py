@@ -41,8 +41,11 @@ SWITCHES: dict[str, dict[str, dict[str, Any]]] = {
     "fused optimizer": {"optim": {"fused": False}},
     "DALI": {"data": {"backend": "torchvision"}},
 }
-NAIVE = {"run": {"amp": "off", "channels_last": False, "compile": False, "cuda_graphs": False, "fused_kernels": False},
-         "optim": {"fused": False}, "data": {"backend": "torchvision"}}
+NAIVE = {
+    "run": {"amp": "off", "channels_last": False, "compile": False, "cuda_graphs": False, "fused_kernels": False},
+    "optim": {"fused": False},
+    "data": {"backend": "torchvision"},
+}
 
 
 def with_overrides(cfg: Config, changes: dict[str, dict[str, Any]]) -> Config:
@@ -84,8 +87,15 @@ def _timed(fn: Callable[[int], Any], steps: int, warmup: int, device: torch.devi
 class Profiler:
     """Measures one config's sections on the current device; `stage` picks the recipe stage to profile."""
 
-    def __init__(self, cfg: Config, env: DistEnv, steps: int, warmup: int, stage: int | None = None,
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        cfg: Config,
+        env: DistEnv,
+        steps: int,
+        warmup: int,
+        stage: int | None = None,
+        log: Callable[[str], None] = print,
+    ):
         self.cfg, self.env, self.steps, self.warmup, self.log = cfg, env, steps, warmup, log
         self.stage = stage
         self._built: tuple[Config, Run, StageRunner] | None = None
@@ -104,8 +114,7 @@ class Profiler:
         """An endless stream of training batches, epoch after epoch."""
         epoch = 0
         while True:
-            for batch in run.data.train.epoch(epoch):
-                yield batch
+            yield from run.data.train.epoch(epoch)
             epoch += 1
 
     def end_to_end(self, cfg: Config) -> dict[str, Any]:
@@ -122,8 +131,12 @@ class Profiler:
             runner.train_step(images, labels, i % runner.total_steps)
 
         per_step, first = self._run_window(step, run)
-        return {**self._rate(run, per_step), "first_step_s": first,
-                "loader_wait_fraction": min(1.0, wait[0] / (per_step * self.steps)), **self._memory(run)}
+        return {
+            **self._rate(run, per_step),
+            "first_step_s": first,
+            "loader_wait_fraction": min(1.0, wait[0] / (per_step * self.steps)),
+            **self._memory(run),
+        }
 
     def compute_only(self, cfg: Config, phases: bool = True) -> dict[str, Any]:
         run, runner = self._build(cfg)
@@ -155,7 +168,8 @@ class Profiler:
         images, labels = next(self._batches(run))
         fixed = runner.teacher_outputs(images)
         per_step, first = self._run_window(
-            lambda i: runner.train_step(images, labels, i % runner.total_steps, teacher_out=fixed), run)
+            lambda i: runner.train_step(images, labels, i % runner.total_steps, teacher_out=fixed), run
+        )
         return {**self._rate(run, per_step), "first_step_s": first}
 
     def loader_only(self, cfg: Config) -> dict[str, Any]:
@@ -193,9 +207,17 @@ class Profiler:
         return max(folder.glob("*.pt.trace.json"), key=lambda p: p.stat().st_mtime)
 
 
-def profile_throughput(cfg: Config, steps: int = 50, warmup: int = 10, sections: tuple[str, ...] = SECTIONS,
-                       ablate: bool = False, trace_steps: int = 0, stage: int | None = None,
-                       json_path: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def profile_throughput(
+    cfg: Config,
+    steps: int = 50,
+    warmup: int = 10,
+    sections: tuple[str, ...] = SECTIONS,
+    ablate: bool = False,
+    trace_steps: int = 0,
+    stage: int | None = None,
+    json_path: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     env = setup_distributed(cfg.run.device)
     try:
         return _profile(cfg, env, steps, warmup, sections, ablate, trace_steps, stage, json_path, log)
@@ -203,9 +225,18 @@ def profile_throughput(cfg: Config, steps: int = 50, warmup: int = 10, sections:
         cleanup_distributed()
 
 
-def _profile(cfg: Config, env: DistEnv, steps: int, warmup: int, sections: tuple[str, ...], ablate: bool,
-             trace_steps: int, stage: int | None, json_path: str | Path | None,
-             log: Callable[[str], None]) -> dict[str, Any]:
+def _profile(
+    cfg: Config,
+    env: DistEnv,
+    steps: int,
+    warmup: int,
+    sections: tuple[str, ...],
+    ablate: bool,
+    trace_steps: int,
+    stage: int | None,
+    json_path: str | Path | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     profiler = Profiler(cfg, env, steps, warmup, stage, log)
     measures = {
         "naive": lambda: profiler.end_to_end(with_overrides(cfg, NAIVE)),
@@ -219,10 +250,16 @@ def _profile(cfg: Config, env: DistEnv, steps: int, warmup: int, sections: tuple
     for name in sections:
         log(f"measuring {name} …")
         results[name] = measures[name]()
-    report: dict[str, Any] = {"config": cfg.to_dict(), "steps": steps, "warmup": warmup, "world_size": env.world_size,
-                              "device": str(env.device), "sections": results}
+    report: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "steps": steps,
+        "warmup": warmup,
+        "world_size": env.world_size,
+        "device": str(env.device),
+        "sections": results,
+    }
     naive = (results.get("naive") or {}).get("img_s")
-    for name, value in results.items():
+    for value in results.values():
         if value and naive:
             value["x_naive"] = value["img_s"] / naive
     parts = [results.get(n) for n in ("teacher_only", "student_only")]
@@ -252,17 +289,25 @@ def _profile(cfg: Config, env: DistEnv, steps: int, warmup: int, sections: tuple
 
 
 def format_report(report: dict[str, Any]) -> str:
-    rows = [{"section": name, **{k: v for k, v in value.items() if not isinstance(v, dict)}}
-            for name, value in report["sections"].items() if value]
-    text = [format_table(rows, ["section", "img_s", "x_naive", "step_ms", "loader_wait_fraction", "first_step_s",
-                                "peak_mem_gb"])]
+    rows = [
+        {"section": name, **{k: v for k, v in value.items() if not isinstance(v, dict)}}
+        for name, value in report["sections"].items()
+        if value
+    ]
+    text = [
+        format_table(
+            rows, ["section", "img_s", "x_naive", "step_ms", "loader_wait_fraction", "first_step_s", "peak_mem_gb"]
+        )
+    ]
     if "sum_of_parts_img_s" in report:
         text.append(f"sum of parts (teacher forward + student step): {report['sum_of_parts_img_s']:,.1f} img/s")
     phases = (report["sections"].get("compute_only") or {}).get("phases_ms")
     if phases:
         text.append("per-phase (ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
     if report.get("ablation"):
-        text.append(format_table(report["ablation"], ["without", "img_s", "step_ms", "loader_wait_fraction",
-                                                      "first_step_s", "note"]))
+        text.append(
+            format_table(
+                report["ablation"], ["without", "img_s", "step_ms", "loader_wait_fraction", "first_step_s", "note"]
+            )
+        )
     return "\n".join(text)
-

@@ -39,8 +39,8 @@ from .hint_loss_grads import hint_dt_x, hint_grad_student
 from .hint_loss_stats import hint_moments
 from .hint_loss_tiles import hint_backward_dp, hint_forward_sums
 
-NO_BN, BATCH_STATS, RUNNING_STATS = 0, 1, 2   # how BatchNorm normalizes
-NORM_EPS = 1e-12                              # fastfit.losses._NORM_EPS: an all-zero map normalizes to zero
+NO_BN, BATCH_STATS, RUNNING_STATS = 0, 1, 2  # how BatchNorm normalizes
+NORM_EPS = 1e-12  # fastfit.losses._NORM_EPS: an all-zero map normalizes to zero
 
 
 def _fp32_math(device: torch.device):
@@ -90,17 +90,57 @@ def _sample_coefficients(kind: str, sums: Tensor, grad: Tensor, n: int, m: int, 
 
 
 @torch.library.custom_op("fastfit::hint_loss", mutates_args=())
-def _hint_loss_op(student: Tensor, teacher: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
-                  bn_bias: Optional[Tensor], feature_mean: Optional[Tensor], feature_gram: Optional[Tensor],
-                  running_mean: Optional[Tensor], running_var: Optional[Tensor], eps: float, bn_mode: int, relu: bool,
-                  kind: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _hint_loss_op(
+    student: Tensor,
+    teacher: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    feature_mean: Optional[Tensor],
+    feature_gram: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    eps: float,
+    bn_mode: int,
+    relu: bool,
+    kind: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with _fp32_math(student.device):
-        return _forward(student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, running_mean,
-                        running_var, eps, bn_mode, relu, kind)
+        return _forward(
+            student,
+            teacher,
+            weight,
+            bias,
+            bn_weight,
+            bn_bias,
+            feature_mean,
+            feature_gram,
+            running_mean,
+            running_var,
+            eps,
+            bn_mode,
+            relu,
+            kind,
+        )
 
 
-def _forward(student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, running_mean, running_var,
-             eps, bn_mode, relu, kind):
+def _forward(
+    student,
+    teacher,
+    weight,
+    bias,
+    bn_weight,
+    bn_bias,
+    feature_mean,
+    feature_gram,
+    running_mean,
+    running_var,
+    eps,
+    bn_mode,
+    relu,
+    kind,
+):
     n, cs, h, w = student.shape
     ct, m = teacher.shape[1], n * h * w
     w_lp = weight.reshape(ct, cs).to(student.dtype)  # the GEMM's operand; batch statistics use the same values
@@ -109,44 +149,123 @@ def _forward(student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, f
         w_f = w_lp.float()
         mean_a = w_f @ feature_mean
         var_a = ((w_f @ feature_gram) * w_f).sum(1).div(m).clamp_min(0.0)
-    scale, shift, _, _ = _affine(bn_mode, mean_a, var_a, bias, bn_weight, bn_bias, running_mean, running_var, eps, ct,
-                                 student.device)
+    scale, shift, _, _ = _affine(
+        bn_mode, mean_a, var_a, bias, bn_weight, bn_bias, running_mean, running_var, eps, ct, student.device
+    )
     sums = hint_forward_sums(student, teacher, w_lp, scale, shift, relu, kind == "normalized_l2")
     return _loss(kind, sums, n, m, ct), mean_a, var_a, sums
 
 
 @_hint_loss_op.register_fake
-def _(student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, running_mean, running_var, eps,
-      bn_mode, relu, kind):
+def _(
+    student,
+    teacher,
+    weight,
+    bias,
+    bn_weight,
+    bn_bias,
+    feature_mean,
+    feature_gram,
+    running_mean,
+    running_var,
+    eps,
+    bn_mode,
+    relu,
+    kind,
+):
     stats = teacher.shape[1] if bn_mode == BATCH_STATS else 0
     f32 = torch.float32
-    return (student.new_empty((), dtype=f32), student.new_empty((stats,), dtype=f32),
-            student.new_empty((stats,), dtype=f32),
-            student.new_empty((3 if kind == "normalized_l2" else 1, student.shape[0]), dtype=torch.float64))
+    return (
+        student.new_empty((), dtype=f32),
+        student.new_empty((stats,), dtype=f32),
+        student.new_empty((stats,), dtype=f32),
+        student.new_empty((3 if kind == "normalized_l2" else 1, student.shape[0]), dtype=torch.float64),
+    )
 
 
 @torch.library.custom_op("fastfit::hint_loss_backward", mutates_args=())
-def _hint_loss_backward_op(grad: Tensor, student: Tensor, teacher: Tensor, weight: Tensor, bias: Optional[Tensor],
-                           bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], feature_mean: Optional[Tensor],
-                           feature_gram: Optional[Tensor], running_mean: Optional[Tensor],
-                           running_var: Optional[Tensor], mean_a: Tensor, var_a: Tensor, sums: Tensor, eps: float,
-                           bn_mode: int, relu: bool, kind: str, need_student: bool, need_weight: bool, need_bias: bool,
-                           need_bn: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _hint_loss_backward_op(
+    grad: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    feature_mean: Optional[Tensor],
+    feature_gram: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    mean_a: Tensor,
+    var_a: Tensor,
+    sums: Tensor,
+    eps: float,
+    bn_mode: int,
+    relu: bool,
+    kind: str,
+    need_student: bool,
+    need_weight: bool,
+    need_bias: bool,
+    need_bn: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _fp32_math(student.device):
-        return _backward_grads(grad, student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram,
-                               running_mean, running_var, mean_a, var_a, sums, eps, bn_mode, relu, kind, need_student,
-                               need_weight, need_bias, need_bn)
+        return _backward_grads(
+            grad,
+            student,
+            teacher,
+            weight,
+            bias,
+            bn_weight,
+            bn_bias,
+            feature_mean,
+            feature_gram,
+            running_mean,
+            running_var,
+            mean_a,
+            var_a,
+            sums,
+            eps,
+            bn_mode,
+            relu,
+            kind,
+            need_student,
+            need_weight,
+            need_bias,
+            need_bn,
+        )
 
 
-def _backward_grads(grad, student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, running_mean,
-                    running_var, mean_a, var_a, sums, eps, bn_mode, relu, kind, need_student, need_weight, need_bias,
-                    need_bn):
+def _backward_grads(
+    grad,
+    student,
+    teacher,
+    weight,
+    bias,
+    bn_weight,
+    bn_bias,
+    feature_mean,
+    feature_gram,
+    running_mean,
+    running_var,
+    mean_a,
+    var_a,
+    sums,
+    eps,
+    bn_mode,
+    relu,
+    kind,
+    need_student,
+    need_weight,
+    need_bias,
+    need_bn,
+):
     n, cs, h, w = student.shape
     ct, m = teacher.shape[1], n * h * w
     w_lp = weight.reshape(ct, cs).to(student.dtype)
     w_f = w_lp.float()
-    scale, shift, center, rstd = _affine(bn_mode, mean_a, var_a, bias, bn_weight, bn_bias, running_mean, running_var,
-                                         eps, ct, student.device)
+    scale, shift, center, rstd = _affine(
+        bn_mode, mean_a, var_a, bias, bn_weight, bn_bias, running_mean, running_var, eps, ct, student.device
+    )
     coef = _sample_coefficients(kind, sums, grad, n, m, ct)
     batch = bn_mode == BATCH_STATS
     want_sums = batch or need_bias or (need_bn and bn_mode != NO_BN)
@@ -180,22 +299,75 @@ def _backward_grads(grad, student, teacher, weight, bias, bn_weight, bn_bias, fe
 
 
 @_hint_loss_backward_op.register_fake
-def _(grad, student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, running_mean, running_var,
-      mean_a, var_a, sums, eps, bn_mode, relu, kind, need_student, need_weight, need_bias, need_bn):
+def _(
+    grad,
+    student,
+    teacher,
+    weight,
+    bias,
+    bn_weight,
+    bn_bias,
+    feature_mean,
+    feature_gram,
+    running_mean,
+    running_var,
+    mean_a,
+    var_a,
+    sums,
+    eps,
+    bn_mode,
+    relu,
+    kind,
+    need_student,
+    need_weight,
+    need_bias,
+    need_bn,
+):
     def none():
         return student.new_empty((0,))
 
-    return (torch.empty_like(student) if need_student else none(), torch.empty_like(weight) if need_weight else none(),
-            torch.empty_like(bias) if need_bias else none(), torch.empty_like(bn_weight) if need_bn else none(),
-            torch.empty_like(bn_bias) if need_bn else none())
+    return (
+        torch.empty_like(student) if need_student else none(),
+        torch.empty_like(weight) if need_weight else none(),
+        torch.empty_like(bias) if need_bias else none(),
+        torch.empty_like(bn_weight) if need_bn else none(),
+        torch.empty_like(bn_bias) if need_bn else none(),
+    )
 
 
 def _setup_context(ctx, inputs, output):
-    (student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, running_mean, running_var, eps,
-     bn_mode, relu, kind) = inputs
+    (
+        student,
+        teacher,
+        weight,
+        bias,
+        bn_weight,
+        bn_bias,
+        feature_mean,
+        feature_gram,
+        running_mean,
+        running_var,
+        eps,
+        bn_mode,
+        relu,
+        kind,
+    ) = inputs
     _, mean_a, var_a, sums = output
-    ctx.save_for_backward(student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, running_mean,
-                          running_var, mean_a, var_a, sums)
+    ctx.save_for_backward(
+        student,
+        teacher,
+        weight,
+        bias,
+        bn_weight,
+        bn_bias,
+        feature_mean,
+        feature_gram,
+        running_mean,
+        running_var,
+        mean_a,
+        var_a,
+        sums,
+    )
     ctx.config = (eps, bn_mode, relu, kind)
 
 
@@ -204,17 +376,39 @@ def _backward(ctx, grad_loss, _grad_mean, _grad_var, _grad_sums):
     need_bn = ctx.saved_tensors[4] is not None and (need[4] or need[5])
     grads = _hint_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.config, need[0], need[2], need[3], need_bn)
     d_student, d_weight, d_bias, d_gamma, d_beta = grads
-    return (d_student if need[0] else None, None, d_weight if need[2] else None, d_bias if need[3] else None,
-            d_gamma if need[4] else None, d_beta if need[5] else None, None, None, None, None, None, None, None, None)
+    return (
+        d_student if need[0] else None,
+        None,
+        d_weight if need[2] else None,
+        d_bias if need[3] else None,
+        d_gamma if need[4] else None,
+        d_beta if need[5] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _hint_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("fastfit::hint_bn_update_running_stats",
-                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
-def _update_running_stats(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor],
-                          batch_mean: Tensor, batch_var: Tensor, momentum: Optional[float], count: int) -> None:
+@torch.library.custom_op(
+    "fastfit::hint_bn_update_running_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked")
+)
+def _update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Optional[Tensor],
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    momentum: Optional[float],
+    count: int,
+) -> None:
     # nn.BatchNorm2d's update, on the device (it reads num_batches_tracked on the host; this does not).
     with _fp32_math(running_mean.device):
         _update(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, momentum, count)
@@ -241,8 +435,9 @@ def supports_connector(connector: nn.Module) -> bool:
     return not isinstance(unpack_connector(connector), str)
 
 
-def fused_connector_hint_loss(connector: nn.Module, student_feature: Tensor, teacher_feature: Tensor,
-                              kind: str) -> Tensor:
+def fused_connector_hint_loss(
+    connector: nn.Module, student_feature: Tensor, teacher_feature: Tensor, kind: str
+) -> Tensor:
     """The hint loss of connector(student_feature) against teacher_feature, fused; BatchNorm follows the module's
     training flag exactly like nn.BatchNorm2d (batch statistics and running-stat updates in training)."""
     parts = unpack_connector(connector)
@@ -251,17 +446,43 @@ def fused_connector_hint_loss(connector: nn.Module, student_feature: Tensor, tea
     conv, bn, relu = parts
     if bn is None:
         return fused_hint_loss(student_feature, teacher_feature, conv.weight, conv.bias, kind=kind, relu=relu)
-    return fused_hint_loss(student_feature, teacher_feature, conv.weight, conv.bias, kind=kind, batch_norm=True,
-                           bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
-                           running_var=bn.running_var, num_batches_tracked=bn.num_batches_tracked,
-                           momentum=bn.momentum, eps=bn.eps, training=bn.training, relu=relu)
+    return fused_hint_loss(
+        student_feature,
+        teacher_feature,
+        conv.weight,
+        conv.bias,
+        kind=kind,
+        batch_norm=True,
+        bn_weight=bn.weight,
+        bn_bias=bn.bias,
+        running_mean=bn.running_mean,
+        running_var=bn.running_var,
+        num_batches_tracked=bn.num_batches_tracked,
+        momentum=bn.momentum,
+        eps=bn.eps,
+        training=bn.training,
+        relu=relu,
+    )
 
 
-def fused_hint_loss(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tensor | None = None, *, kind: str,
-                    batch_norm: bool = False, bn_weight: Tensor | None = None, bn_bias: Tensor | None = None,
-                    running_mean: Tensor | None = None, running_var: Tensor | None = None,
-                    num_batches_tracked: Tensor | None = None, momentum: float | None = 0.1, eps: float = 1e-5,
-                    training: bool = True, relu: bool = False) -> Tensor:
+def fused_hint_loss(
+    student: Tensor,
+    teacher: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    kind: str,
+    batch_norm: bool = False,
+    bn_weight: Tensor | None = None,
+    bn_bias: Tensor | None = None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    training: bool = True,
+    relu: bool = False,
+) -> Tensor:
     """hint_loss(relu?(bn?(conv1x1(student, weight, bias))), teacher, kind) without materializing the regressor output.
 
     student (N, Cs, H, W) and teacher (N, Ct, H, W): fp32/bf16/fp16, channels-last (fast) or any strides, read in
@@ -272,19 +493,34 @@ def fused_hint_loss(student: Tensor, teacher: Tensor, weight: Tensor, bias: Tens
     weight is cast to it, as autocast would) with fp32 accumulation; BatchNorm and the loss are fp32. Returns a 0-dim
     fp32 loss.
     """
-    check_hint_inputs(student, teacher, weight, bias, kind, batch_norm, bn_weight, bn_bias, running_mean, running_var,
-                      training)
+    check_hint_inputs(
+        student, teacher, weight, bias, kind, batch_norm, bn_weight, bn_bias, running_mean, running_var, training
+    )
     check_runnable(student, "the student feature")
     mode = NO_BN if not batch_norm else (BATCH_STATS if training or running_mean is None else RUNNING_STATS)
     feature_mean = feature_gram = None
     if mode == BATCH_STATS:
         feature_mean, feature_gram = hint_moments(student.detach())
     running = (running_mean, running_var) if mode == RUNNING_STATS else (None, None)
-    loss, mean_a, var_a, _ = _hint_loss_op(student, teacher.detach(), weight, bias, bn_weight, bn_bias, feature_mean,
-                                           feature_gram, *running, float(eps), mode, bool(relu), kind)
+    loss, mean_a, var_a, _ = _hint_loss_op(
+        student,
+        teacher.detach(),
+        weight,
+        bias,
+        bn_weight,
+        bn_bias,
+        feature_mean,
+        feature_gram,
+        *running,
+        float(eps),
+        mode,
+        bool(relu),
+        kind,
+    )
     if mode == BATCH_STATS and training and running_mean is not None:
         batch_mean = mean_a.detach() + (bias.detach().float() if bias is not None else 0.0)
         n, _, h, w = student.shape
-        _update_running_stats(running_mean, running_var, num_batches_tracked, batch_mean, var_a.detach(), momentum,
-                              n * h * w)
+        _update_running_stats(
+            running_mean, running_var, num_batches_tracked, batch_mean, var_a.detach(), momentum, n * h * w
+        )
     return loss

@@ -21,10 +21,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # operands, IEEE dots). BLOCK_M/BLOCK_N also fix the shapes of the partial-sum buffers, so autotuning varies only
 # BLOCK_K, GROUP_M, warps and stages: every program writes its own slots and reruns during tuning are harmless.
 TILE_16BIT, TILE_FP32 = (128, 128), (64, 64)
-STATS_ROWS, STATS_COLS = 64, 64          # Gram and column-sum tiles (small GEMMs, many programs)
-INTERPRET_TILE, INTERPRET_K = 32, 16     # tiny tiles so the small test shapes still span several programs
-TARGET_PROGRAMS_PER_SM = 2               # split-K programs for the reductions over M (Gram, dW)
-MAX_PARTIAL_ELEMENTS = 1 << 24           # 64 MiB of fp32 partial sums at most for a split-K reduction
+STATS_ROWS, STATS_COLS = 64, 64  # Gram and column-sum tiles (small GEMMs, many programs)
+INTERPRET_TILE, INTERPRET_K = 32, 16  # tiny tiles so the small test shapes still span several programs
+TARGET_PROGRAMS_PER_SM = 2  # split-K programs for the reductions over M (Gram, dW)
+MAX_PARTIAL_ELEMENTS = 1 << 24  # 64 MiB of fp32 partial sums at most for a split-K reduction
 
 
 def _gemm_configs() -> list[triton.Config]:
@@ -77,15 +77,19 @@ def split_rows(m: int, tiles: int, block_rows: int, partial_elements_per_split: 
 def needs_int64(*tensors: torch.Tensor) -> bool:
     """True when some element offset reaches 2³¹. Below that, int32 offsets are exact and much cheaper: int64
     address math on 128×128 tiles spills registers on sm_90 (checked with ptxas), so it is used only when needed."""
-    reach = max(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) for t in tensors)
+    reach = max(
+        sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True)) for t in tensors
+    )
     return reach >= 2**31 - 1
 
 
 def check_runnable(tensor: torch.Tensor, name: str) -> None:
     if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and INTERPRET):
         return
-    raise ValueError(f"expected {name} on a CUDA device (or TRITON_INTERPRET=1 set before triton is imported, to run "
-                     f"the kernels on the CPU through Triton's interpreter), got a tensor on {tensor.device}")
+    raise ValueError(
+        f"expected {name} on a CUDA device (or TRITON_INTERPRET=1 set before triton is imported, to run "
+        f"the kernels on the CPU through Triton's interpreter), got a tensor on {tensor.device}"
+    )
 
 
 @triton.jit
@@ -110,8 +114,9 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def output_tile(ROWS, COLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                INDEX_64: tl.constexpr):
+def output_tile(
+    ROWS, COLS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, INDEX_64: tl.constexpr
+):
     """This program's tile of a ROWS × COLS output in grouped order: (tiles per column, tile row, row and column
     indices, their in-bounds masks)."""
     num_m = tl.cdiv(ROWS, BLOCK_M)

@@ -16,15 +16,52 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .hint_loss_common import (INTERPRET, dot_precision, fixed_meta, grouped_tile, needs_int64, output_tile, row_offsets,
-                               split_rows, tile_for, tuned, widen)
+from .hint_loss_common import (
+    INTERPRET,
+    dot_precision,
+    fixed_meta,
+    grouped_tile,
+    needs_int64,
+    output_tile,
+    row_offsets,
+    split_rows,
+    tile_for,
+    tuned,
+    widen,
+)
 
 
 @triton.jit
-def _hint_dx_kernel(d_ptr, wa_ptr, s_ptr, mean_ptr, g1_ptr, g0_ptr, ds_ptr, M, CS, CT, HW, W,
-                    s_sn, s_sc, s_sh, s_sw, o_sn, o_sc, o_sh, o_sw,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    BATCH_STATS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
+def _hint_dx_kernel(
+    d_ptr,
+    wa_ptr,
+    s_ptr,
+    mean_ptr,
+    g1_ptr,
+    g0_ptr,
+    ds_ptr,
+    M,
+    CS,
+    CT,
+    HW,
+    W,
+    s_sn,
+    s_sc,
+    s_sh,
+    s_sw,
+    o_sn,
+    o_sc,
+    o_sh,
+    o_sw,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BATCH_STATS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):
     # dX tile (BLOCK_M rows, BLOCK_N student channels). Reads BLOCK_M×Ct of D, Ct×BLOCK_N of Wa (+ BLOCK_M×Cs of X,
     # Cs×BLOCK_N of G1 with batch statistics); writes BLOCK_M×BLOCK_N of dS in the student's layout.
     # Whole op: 2·M·Ct·Cs FLOPs (+ 2·M·Cs² with batch statistics); D read Cs/BLOCK_N times (L2), dS written once.
@@ -50,14 +87,36 @@ def _hint_dx_kernel(d_ptr, wa_ptr, s_ptr, mean_ptr, g1_ptr, g0_ptr, ds_ptr, M, C
             acc = tl.dot(x.to(op_ty), g1.to(op_ty), acc, input_precision=PRECISION)
         acc += tl.load(g0_ptr + cols, mask=cols_ok, other=0.0)[None, :]
     o_rows = row_offsets(rows, HW, W, o_sn, o_sh, o_sw)
-    tl.store(ds_ptr + o_rows[:, None] + cols[None, :] * o_sc, acc.to(ds_ptr.dtype.element_ty),
-             mask=rows_ok[:, None] & cols_ok[None, :])
+    tl.store(
+        ds_ptr + o_rows[:, None] + cols[None, :] * o_sc,
+        acc.to(ds_ptr.dtype.element_ty),
+        mask=rows_ok[:, None] & cols_ok[None, :],
+    )
 
 
 @triton.jit
-def _hint_dw_kernel(d_ptr, s_ptr, part_ptr, M, CS, CT, HW, W, s_sn, s_sc, s_sh, s_sw, ROWS_PER_PROG,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
+def _hint_dw_kernel(
+    d_ptr,
+    s_ptr,
+    part_ptr,
+    M,
+    CS,
+    CT,
+    HW,
+    W,
+    s_sn,
+    s_sc,
+    s_sh,
+    s_sw,
+    ROWS_PER_PROG,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):
     # part[s] tile (BLOCK_M regressor channels, BLOCK_N student channels) = Σ_{m in split s} D[m, c]·X[m, k].
     # The reduction runs over M, so it is split across program_id(1) for parallelism; torch sums the fp32 partials.
     # Whole op: 2·M·Ct·Cs FLOPs; D and X read once per tile column/row (L2), splits·Ct·Cs fp32 written.
@@ -90,8 +149,9 @@ def _dot_f32(d: Tensor) -> bool:
     return INTERPRET or d.dtype == torch.float32
 
 
-def hint_grad_student(d: Tensor, weight_a: Tensor, student: Tensor, mean: Tensor | None, g1: Tensor | None,
-                      g0: Tensor | None) -> Tensor:
+def hint_grad_student(
+    d: Tensor, weight_a: Tensor, student: Tensor, mean: Tensor | None, g1: Tensor | None, g0: Tensor | None
+) -> Tensor:
     """dX = D·Wa (+ (X − μ)·G1 + g0 when g1 is given), written in the student feature's layout and dtype."""
     n, cs, h, w = student.shape
     m, ct = d.shape
@@ -101,9 +161,29 @@ def hint_grad_student(d: Tensor, weight_a: Tensor, student: Tensor, mean: Tensor
     if not batch_stats:
         mean = g1 = g0 = weight_a  # never read: BATCH_STATS=False compiles those loads away
     grid = (triton.cdiv(m, block_m) * triton.cdiv(cs, block_n),)
-    _hint_dx[grid](d, weight_a, student, mean, g1, g0, grad, m, cs, ct, h * w, w, *student.stride(), *grad.stride(),
-                   BLOCK_M=block_m, BLOCK_N=block_n, BATCH_STATS=batch_stats, DOT_F32=_dot_f32(d),
-                   PRECISION=dot_precision(student.dtype), INDEX_64=needs_int64(d, student, grad), **fixed_meta())
+    _hint_dx[grid](
+        d,
+        weight_a,
+        student,
+        mean,
+        g1,
+        g0,
+        grad,
+        m,
+        cs,
+        ct,
+        h * w,
+        w,
+        *student.stride(),
+        *grad.stride(),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BATCH_STATS=batch_stats,
+        DOT_F32=_dot_f32(d),
+        PRECISION=dot_precision(student.dtype),
+        INDEX_64=needs_int64(d, student, grad),
+        **fixed_meta(),
+    )
     return grad
 
 
@@ -116,7 +196,22 @@ def hint_dt_x(d: Tensor, student: Tensor) -> Tensor:
     rows = split_rows(m, tiles, block_m, ct * cs, student.device)
     splits = triton.cdiv(m, rows)
     part = torch.empty((splits, ct, cs), device=d.device, dtype=torch.float32)
-    _hint_dw[(tiles, splits)](d, student, part, m, cs, ct, h * w, w, *student.stride(), rows, BLOCK_M=block_m,
-                              BLOCK_N=block_n, DOT_F32=_dot_f32(d), PRECISION=dot_precision(student.dtype),
-                              INDEX_64=needs_int64(d, student, part), **fixed_meta())
+    _hint_dw[(tiles, splits)](
+        d,
+        student,
+        part,
+        m,
+        cs,
+        ct,
+        h * w,
+        w,
+        *student.stride(),
+        rows,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        DOT_F32=_dot_f32(d),
+        PRECISION=dot_precision(student.dtype),
+        INDEX_64=needs_int64(d, student, part),
+        **fixed_meta(),
+    )
     return part.sum(0)

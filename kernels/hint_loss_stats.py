@@ -15,13 +15,38 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .hint_loss_common import (INTERPRET, INTERPRET_K, INTERPRET_TILE, STATS_COLS, STATS_ROWS, check_runnable,
-                               dot_precision, needs_int64, row_offsets, split_rows, widen)
+from .hint_loss_common import (
+    INTERPRET,
+    INTERPRET_K,
+    INTERPRET_TILE,
+    STATS_COLS,
+    STATS_ROWS,
+    check_runnable,
+    dot_precision,
+    needs_int64,
+    row_offsets,
+    split_rows,
+    widen,
+)
 
 
 @triton.jit
-def _hint_colsum_kernel(s_ptr, part_ptr, M, CS, HW, W, stride_n, stride_c, stride_h, stride_w, ROWS_PER_PROG,
-                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, INDEX_64: tl.constexpr):
+def _hint_colsum_kernel(
+    s_ptr,
+    part_ptr,
+    M,
+    CS,
+    HW,
+    W,
+    stride_n,
+    stride_c,
+    stride_h,
+    stride_w,
+    ROWS_PER_PROG,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):
     # part[s, c] = Σ_{m in split s} X[m, c]. Reads X once (M·Cs elements), writes splits·Cs fp32.
     pid_s = widen(tl.program_id(0), INDEX_64)
     cols = widen(tl.program_id(1), INDEX_64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -33,16 +58,33 @@ def _hint_colsum_kernel(s_ptr, part_ptr, M, CS, HW, W, stride_n, stride_c, strid
         rows = m0 + tl.arange(0, BLOCK_M)
         rows_ok = rows < end
         offs = row_offsets(rows, HW, W, stride_n, stride_h, stride_w)
-        x = tl.load(s_ptr + offs[:, None] + cols[None, :] * stride_c, mask=rows_ok[:, None] & cols_ok[None, :],
-                    other=0.0)
+        x = tl.load(
+            s_ptr + offs[:, None] + cols[None, :] * stride_c, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0
+        )
         acc += tl.sum(x.to(tl.float32), axis=0)
     tl.store(part_ptr + pid_s * CS + cols, acc, mask=cols_ok)
 
 
 @triton.jit
-def _hint_gram_kernel(s_ptr, mean_ptr, part_ptr, M, CS, HW, W, stride_n, stride_c, stride_h, stride_w, ROWS_PER_PROG,
-                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                      INDEX_64: tl.constexpr):
+def _hint_gram_kernel(
+    s_ptr,
+    mean_ptr,
+    part_ptr,
+    M,
+    CS,
+    HW,
+    W,
+    stride_n,
+    stride_c,
+    stride_h,
+    stride_w,
+    ROWS_PER_PROG,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):
     # part[s, i, j] = Σ_{m in split s} (X[m, i] − μ_i)(X[m, j] − μ_j), only tiles i ≤ j computed (Gc is symmetric),
     # each stored at (i, j) and (j, i). Reads X twice per tile pair from L2; M·Cs²/2 multiply-adds; writes
     # splits·Cs² fp32.
@@ -92,8 +134,19 @@ def feature_moments(student: Tensor) -> tuple[Tensor, Tensor]:
     rows = split_rows(m, col_blocks, block_rows, cs, student.device)
     splits = triton.cdiv(m, rows)
     part = torch.empty((splits, cs), device=student.device, dtype=torch.float32)
-    _hint_colsum_kernel[(splits, col_blocks)](student, part, m, cs, h * w, w, *strides, rows, BLOCK_M=block_rows,
-                                              BLOCK_C=block_c, INDEX_64=needs_int64(student))
+    _hint_colsum_kernel[(splits, col_blocks)](
+        student,
+        part,
+        m,
+        cs,
+        h * w,
+        w,
+        *strides,
+        rows,
+        BLOCK_M=block_rows,
+        BLOCK_C=block_c,
+        INDEX_64=needs_int64(student),
+    )
     mean = part.sum(0) / m
 
     upper_tiles = col_blocks * (col_blocks + 1) // 2
@@ -101,10 +154,22 @@ def feature_moments(student: Tensor) -> tuple[Tensor, Tensor]:
     splits = triton.cdiv(m, rows)
     part = torch.empty((splits, cs, cs), device=student.device, dtype=torch.float32)
     dot_f32 = INTERPRET or student.dtype == torch.float32
-    _hint_gram_kernel[(splits, col_blocks, col_blocks)](student, mean, part, m, cs, h * w, w, *strides, rows,
-                                                         BLOCK_M=block_rows, BLOCK_C=block_c, DOT_F32=dot_f32,
-                                                         PRECISION=dot_precision(student.dtype),
-                                                         INDEX_64=needs_int64(student, part))
+    _hint_gram_kernel[(splits, col_blocks, col_blocks)](
+        student,
+        mean,
+        part,
+        m,
+        cs,
+        h * w,
+        w,
+        *strides,
+        rows,
+        BLOCK_M=block_rows,
+        BLOCK_C=block_c,
+        DOT_F32=dot_f32,
+        PRECISION=dot_precision(student.dtype),
+        INDEX_64=needs_int64(student, part),
+    )
     return mean, part.sum(0)
 
 

@@ -14,22 +14,49 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .hint_loss_common import (INTERPRET, check_runnable, dot_precision, fixed_meta, needs_int64, output_tile,
-                               row_offsets, tile_for, tuned, widen)
+from .hint_loss_common import (
+    INTERPRET,
+    check_runnable,
+    dot_precision,
+    fixed_meta,
+    needs_int64,
+    output_tile,
+    row_offsets,
+    tile_for,
+    tuned,
+    widen,
+)
 
 
 @triton.jit
-def _regress_tile(s_ptr, s_rows, rows_ok, stride_sc, w_ptr, stride_wo, stride_wi, cols, cols_ok, CS,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-                  PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
+def _regress_tile(
+    s_ptr,
+    s_rows,
+    rows_ok,
+    stride_sc,
+    w_ptr,
+    stride_wo,
+    stride_wi,
+    cols,
+    cols_ok,
+    CS,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, CS, BLOCK_K):
         ks = widen(k0 + tl.arange(0, BLOCK_K), INDEX_64)
         k_ok = ks < CS
-        x = tl.load(s_ptr + s_rows[:, None] + ks[None, :] * stride_sc, mask=rows_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * stride_wo + ks[:, None] * stride_wi, mask=k_ok[:, None] & cols_ok[None, :],
-                    other=0.0)
+        x = tl.load(s_ptr + s_rows[:, None] + ks[None, :] * stride_sc, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + cols[None, :] * stride_wo + ks[:, None] * stride_wi,
+            mask=k_ok[:, None] & cols_ok[None, :],
+            other=0.0,
+        )
         if DOT_F32:  # the interpreter's bf16 dot is wrong: upcast there (and for fp32 inputs it is a no-op)
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -38,14 +65,56 @@ def _regress_tile(s_ptr, s_rows, rows_ok, stride_sc, w_ptr, stride_wo, stride_wi
 
 
 @triton.jit
-def _tile(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, M, CS, CT, HW, W, s_sn, s_sc, s_sh, s_sw, t_sn, t_sc, t_sh, t_sw,
-          w_so, w_si, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-          DOT_F32: tl.constexpr, PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
+def _tile(
+    s_ptr,
+    t_ptr,
+    w_ptr,
+    scale_ptr,
+    shift_ptr,
+    M,
+    CS,
+    CT,
+    HW,
+    W,
+    s_sn,
+    s_sc,
+    s_sh,
+    s_sw,
+    t_sn,
+    t_sc,
+    t_sh,
+    t_sw,
+    w_so,
+    w_si,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):
     """This program's output tile, shared by both kernels: A = X Wᵀ, P = A·scale + shift and the teacher tile U."""
     num_m, pid_m, pid_n, rows, cols, rows_ok, cols_ok = output_tile(M, CT, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
     num_n = tl.cdiv(CT, BLOCK_N)
-    acc = _regress_tile(s_ptr, row_offsets(rows, HW, W, s_sn, s_sh, s_sw), rows_ok, s_sc, w_ptr, w_so, w_si, cols,
-                        cols_ok, CS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, PRECISION, INDEX_64)
+    acc = _regress_tile(
+        s_ptr,
+        row_offsets(rows, HW, W, s_sn, s_sh, s_sw),
+        rows_ok,
+        s_sc,
+        w_ptr,
+        w_so,
+        w_si,
+        cols,
+        cols_ok,
+        CS,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        DOT_F32,
+        PRECISION,
+        INDEX_64,
+    )
     scale = tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=cols_ok, other=0.0)
     p = acc * scale[None, :] + shift[None, :]
@@ -56,19 +125,72 @@ def _tile(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, M, CS, CT, HW, W, s_sn, s_s
 
 
 @triton.jit
-def _hint_fwd_kernel(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, part_ptr, M, CS, CT, HW, W,
-                     s_sn, s_sc, s_sh, s_sw, t_sn, t_sc, t_sh, t_sw, w_so, w_si,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     RELU: tl.constexpr, NORMALIZED: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                     INDEX_64: tl.constexpr):
+def _hint_fwd_kernel(
+    s_ptr,
+    t_ptr,
+    w_ptr,
+    scale_ptr,
+    shift_ptr,
+    part_ptr,
+    M,
+    CS,
+    CT,
+    HW,
+    W,
+    s_sn,
+    s_sc,
+    s_sh,
+    s_sw,
+    t_sn,
+    t_sc,
+    t_sh,
+    t_sw,
+    w_so,
+    w_si,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    RELU: tl.constexpr,
+    NORMALIZED: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):
     # Loss sums per row m of this tile's channel block j (part has shape (R, num_n, M), fp32):
     #   NORMALIZED: Σ_c Z², Σ_c Z·U, Σ_c U²   → per sample ‖y‖², y·u, ‖u‖² → Σ_n ‖y/‖y‖ − u/‖u‖‖² / N
     #   otherwise:  Σ_c (Z − U)²              → ½Σ/N (half_sq) or Σ/(M·Ct) (mse)
     # Per tile: reads BLOCK_M×Cs of X, Cs×BLOCK_N of W, BLOCK_M×BLOCK_N of T; writes R·BLOCK_M fp32.
     # Whole op: X is read Ct/BLOCK_N times (from L2 with grouped order), T once; 2·M·Cs·Ct FLOPs.
     num_m, num_n, pid_m, pid_n, rows, cols, rows_ok, cols_ok, ok, acc, p, u = _tile(
-        s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, M, CS, CT, HW, W, s_sn, s_sc, s_sh, s_sw, t_sn, t_sc, t_sh, t_sw,
-        w_so, w_si, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, DOT_F32, PRECISION, INDEX_64)
+        s_ptr,
+        t_ptr,
+        w_ptr,
+        scale_ptr,
+        shift_ptr,
+        M,
+        CS,
+        CT,
+        HW,
+        W,
+        s_sn,
+        s_sc,
+        s_sh,
+        s_sw,
+        t_sn,
+        t_sc,
+        t_sh,
+        t_sw,
+        w_so,
+        w_si,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        GROUP_M,
+        DOT_F32,
+        PRECISION,
+        INDEX_64,
+    )
     z = p
     if RELU:
         z = tl.maximum(z, 0.0)
@@ -85,12 +207,42 @@ def _hint_fwd_kernel(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, part_ptr, M, CS,
 
 
 @triton.jit
-def _hint_bwd_dp_kernel(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, center_ptr, coef_ptr, d_ptr, part_ptr,
-                        M, CS, CT, HW, W, NSAMPLES,
-                        s_sn, s_sc, s_sh, s_sw, t_sn, t_sc, t_sh, t_sw, w_so, w_si,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                        RELU: tl.constexpr, SUMS: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                        INDEX_64: tl.constexpr):
+def _hint_bwd_dp_kernel(
+    s_ptr,
+    t_ptr,
+    w_ptr,
+    scale_ptr,
+    shift_ptr,
+    center_ptr,
+    coef_ptr,
+    d_ptr,
+    part_ptr,
+    M,
+    CS,
+    CT,
+    HW,
+    W,
+    NSAMPLES,
+    s_sn,
+    s_sc,
+    s_sh,
+    s_sw,
+    t_sn,
+    t_sc,
+    t_sh,
+    t_sw,
+    w_so,
+    w_si,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    RELU: tl.constexpr,
+    SUMS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):
     # Gradient of the loss at P (before ReLU), per sample n = m // (H·W) with coefficients from the forward sums:
     #   dL/dZ = α_n Z + β_n U    (normalized: α = 2(y·u)/(N‖y‖³‖u‖), β = −2/(N‖y‖‖u‖); half_sq: α = −β = g/N;
     #                             mse: α = −β = 2g/(M·Ct); grad_output g folded into α, β)
@@ -98,8 +250,34 @@ def _hint_bwd_dp_kernel(s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, center_ptr, c
     # SUMS: per tile-row block, column sums Σ_m dP and Σ_m dP·(A − center) for BatchNorm's and the bias' gradients.
     # Per tile: reads as the forward, writes BLOCK_M×BLOCK_N of D and 2·BLOCK_N fp32. Whole op: 2·M·Cs·Ct FLOPs.
     num_m, num_n, pid_m, pid_n, rows, cols, rows_ok, cols_ok, ok, acc, p, u = _tile(
-        s_ptr, t_ptr, w_ptr, scale_ptr, shift_ptr, M, CS, CT, HW, W, s_sn, s_sc, s_sh, s_sw, t_sn, t_sc, t_sh, t_sw,
-        w_so, w_si, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, DOT_F32, PRECISION, INDEX_64)
+        s_ptr,
+        t_ptr,
+        w_ptr,
+        scale_ptr,
+        shift_ptr,
+        M,
+        CS,
+        CT,
+        HW,
+        W,
+        s_sn,
+        s_sc,
+        s_sh,
+        s_sw,
+        t_sn,
+        t_sc,
+        t_sh,
+        t_sw,
+        w_so,
+        w_si,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        GROUP_M,
+        DOT_F32,
+        PRECISION,
+        INDEX_64,
+    )
     z = p
     if RELU:
         z = tl.maximum(p, 0.0)
@@ -123,13 +301,28 @@ _hint_bwd_dp = tuned(_hint_bwd_dp_kernel)
 
 def _layout_args(student: Tensor, teacher: Tensor, weight_lp: Tensor) -> tuple:
     n, cs, h, w = student.shape
-    return (n * h * w, cs, teacher.shape[1], h * w, w, student.stride(0), student.stride(1), student.stride(2),
-            student.stride(3), teacher.stride(0), teacher.stride(1), teacher.stride(2), teacher.stride(3),
-            weight_lp.stride(0), weight_lp.stride(1))
+    return (
+        n * h * w,
+        cs,
+        teacher.shape[1],
+        h * w,
+        w,
+        student.stride(0),
+        student.stride(1),
+        student.stride(2),
+        student.stride(3),
+        teacher.stride(0),
+        teacher.stride(1),
+        teacher.stride(2),
+        teacher.stride(3),
+        weight_lp.stride(0),
+        weight_lp.stride(1),
+    )
 
 
-def hint_forward_sums(student: Tensor, teacher: Tensor, weight_lp: Tensor, scale: Tensor, shift: Tensor,
-                      relu: bool, normalized: bool) -> Tensor:
+def hint_forward_sums(
+    student: Tensor, teacher: Tensor, weight_lp: Tensor, scale: Tensor, shift: Tensor, relu: bool, normalized: bool
+) -> Tensor:
     """Per-sample loss sums: (3, N) = (‖y‖², y·u, ‖u‖²) when normalized, else (1, N) = Σ (y − u)², float64."""
     check_runnable(student, "the student feature")
     n, _, h, w = student.shape
@@ -139,15 +332,38 @@ def hint_forward_sums(student: Tensor, teacher: Tensor, weight_lp: Tensor, scale
     num_n = triton.cdiv(ct, block_n)
     part = torch.empty((3 if normalized else 1, num_n, m), device=student.device, dtype=torch.float32)
     grid = (triton.cdiv(m, block_m) * num_n,)
-    _hint_fwd[grid](student, teacher, weight_lp, scale, shift, part, *args, BLOCK_M=block_m, BLOCK_N=block_n,
-                    RELU=relu, NORMALIZED=normalized, DOT_F32=INTERPRET or student.dtype == torch.float32,
-                    PRECISION=dot_precision(student.dtype), INDEX_64=needs_int64(student, teacher, part),
-                    **fixed_meta())
+    _hint_fwd[grid](
+        student,
+        teacher,
+        weight_lp,
+        scale,
+        shift,
+        part,
+        *args,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        RELU=relu,
+        NORMALIZED=normalized,
+        DOT_F32=INTERPRET or student.dtype == torch.float32,
+        PRECISION=dot_precision(student.dtype),
+        INDEX_64=needs_int64(student, teacher, part),
+        **fixed_meta(),
+    )
     return part.sum(dim=1, dtype=torch.float64).view(part.shape[0], n, h * w).sum(dim=2)
 
 
-def hint_backward_dp(student: Tensor, teacher: Tensor, weight_lp: Tensor, scale: Tensor, shift: Tensor, center: Tensor,
-                     coef: Tensor, relu: bool, sums: bool, grad_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+def hint_backward_dp(
+    student: Tensor,
+    teacher: Tensor,
+    weight_lp: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    center: Tensor,
+    coef: Tensor,
+    relu: bool,
+    sums: bool,
+    grad_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor | None]:
     """D = dL/dP as an (M, Ct) matrix of grad_dtype, and (Σ_m dP, Σ_m dP·(A − center)) per channel when sums."""
     n = student.shape[0]
     args = _layout_args(student, teacher, weight_lp)
@@ -157,8 +373,26 @@ def hint_backward_dp(student: Tensor, teacher: Tensor, weight_lp: Tensor, scale:
     d = torch.empty((m, ct), device=student.device, dtype=grad_dtype)
     part = torch.empty((2, num_m, ct) if sums else (0,), device=student.device, dtype=torch.float32)
     grid = (num_m * triton.cdiv(ct, block_n),)
-    _hint_bwd_dp[grid](student, teacher, weight_lp, scale, shift, center, coef, d, part, *args[:5], n, *args[5:],
-                       BLOCK_M=block_m, BLOCK_N=block_n, RELU=relu, SUMS=sums,
-                       DOT_F32=INTERPRET or student.dtype == torch.float32, PRECISION=dot_precision(student.dtype),
-                       INDEX_64=needs_int64(student, teacher, d, part), **fixed_meta())
+    _hint_bwd_dp[grid](
+        student,
+        teacher,
+        weight_lp,
+        scale,
+        shift,
+        center,
+        coef,
+        d,
+        part,
+        *args[:5],
+        n,
+        *args[5:],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        RELU=relu,
+        SUMS=sums,
+        DOT_F32=INTERPRET or student.dtype == torch.float32,
+        PRECISION=dot_precision(student.dtype),
+        INDEX_64=needs_int64(student, teacher, d, part),
+        **fixed_meta(),
+    )
     return d, (part.sum(dim=1) if sums else None)

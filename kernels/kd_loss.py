@@ -17,11 +17,11 @@ import triton.language as tl
 from torch import Tensor
 
 # Tuning constants (untuned on hardware: chosen from the Triton softmax tutorial's heuristics).
-MAX_ONE_BLOCK_C = 8192   # up to this many classes a row stays in registers between the stats and the gradient
+MAX_ONE_BLOCK_C = 8192  # up to this many classes a row stays in registers between the stats and the gradient
 TWO_PASS_BLOCK_C = 4096  # block over C beyond that (the gradient pass re-reads the row, mostly from L2)
 REDUCE_BLOCK_N = 1024
 IGNORE_INDEX = tl.constexpr(-100)  # F.cross_entropy's default: such rows add nothing to ce nor to its mean's count
-NEG = tl.constexpr(-1.0e30)        # finite "minus infinity" for masked lanes: exp() gives 0, never NaN
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for masked lanes: exp() gives 0, never NaN
 NAN = tl.constexpr(float("nan"))
 REDUCTIONS = ("batchmean", "mean", "sum")
 FORMS = ("kl", "ce")
@@ -71,9 +71,24 @@ def _store_grad(g_row, offs, mask, s, t, inv_tau, m_s, log_d_a, m_t, log_d_b):
 
 @triton.jit
 def _kd_loss_fwd_kernel(
-    s_ptr, s_stride, t_ptr, t_stride, y_ptr, y_stride, g_ptr, g_stride, rows_ptr, lse_ptr,
-    N, C, inv_tau, eps,
-    BLOCK_C: tl.constexpr, ONE_BLOCK: tl.constexpr, KL: tl.constexpr, HAS_LABELS: tl.constexpr,
+    s_ptr,
+    s_stride,
+    t_ptr,
+    t_stride,
+    y_ptr,
+    y_stride,
+    g_ptr,
+    g_stride,
+    rows_ptr,
+    lse_ptr,
+    N,
+    C,
+    inv_tau,
+    eps,
+    BLOCK_C: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+    KL: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
     STORE_GRAD: tl.constexpr,
 ):
     # One program per row. a = s/τ, b = t/τ, P_S = softmax(a), P_T = softmax(b); m = running max, d = Σ exp(x − m):
@@ -108,15 +123,17 @@ def _kd_loss_fwd_kernel(
     if ONE_BLOCK:
         mask = cols < C
         s, t = _load_block(s_row, t_row, cols, mask)
-        m_s, d_a, m_t, d_b, acc, d_1, sum_s = _update_stats(s, t, mask, inv_tau, m_s, d_a, m_t, d_b, acc, d_1, sum_s,
-                                                            KL, HAS_LABELS)
+        m_s, d_a, m_t, d_b, acc, d_1, sum_s = _update_stats(
+            s, t, mask, inv_tau, m_s, d_a, m_t, d_b, acc, d_1, sum_s, KL, HAS_LABELS
+        )
     else:
         for start in range(0, C, BLOCK_C):
             offs = start + cols
             mask = offs < C
             s, t = _load_block(s_row, t_row, offs, mask)
-            m_s, d_a, m_t, d_b, acc, d_1, sum_s = _update_stats(s, t, mask, inv_tau, m_s, d_a, m_t, d_b, acc, d_1,
-                                                                sum_s, KL, HAS_LABELS)
+            m_s, d_a, m_t, d_b, acc, d_1, sum_s = _update_stats(
+                s, t, mask, inv_tau, m_s, d_a, m_t, d_b, acc, d_1, sum_s, KL, HAS_LABELS
+            )
     log_d_a = tl.log(d_a)
     log_d_b = tl.log(d_b)
     kd_row = acc / d_b + log_d_a
@@ -148,8 +165,9 @@ def _kd_loss_fwd_kernel(
 
 
 @triton.jit
-def _kd_loss_reduce_kernel(rows_ptr, y_ptr, y_stride, kd_ptr, ce_ptr, n_valid_ptr, N, kd_scale,
-                           BLOCK_N: tl.constexpr, HAS_LABELS: tl.constexpr):
+def _kd_loss_reduce_kernel(
+    rows_ptr, y_ptr, y_stride, kd_ptr, ce_ptr, n_valid_ptr, N, kd_scale, BLOCK_N: tl.constexpr, HAS_LABELS: tl.constexpr
+):
     # One program sums the per-row results in a fixed order: deterministic, unlike atomics. Reads 12-16 B per row.
     cols = tl.arange(0, BLOCK_N)
     kd = tl.zeros((BLOCK_N,), tl.float32)
@@ -175,9 +193,23 @@ def _kd_loss_reduce_kernel(rows_ptr, y_ptr, y_stride, kd_ptr, ce_ptr, n_valid_pt
 
 @triton.jit
 def _kd_loss_bwd_kernel(
-    gkd_ptr, gkd_stride, s_ptr, s_stride, y_ptr, y_stride, lse_ptr, out_ptr, out_stride,
-    grad_kd_ptr, grad_ce_ptr, n_valid_ptr, C, kd_grad_scale, eps,
-    BLOCK_C: tl.constexpr, HAS_LABELS: tl.constexpr,
+    gkd_ptr,
+    gkd_stride,
+    s_ptr,
+    s_stride,
+    y_ptr,
+    y_stride,
+    lse_ptr,
+    out_ptr,
+    out_stride,
+    grad_kd_ptr,
+    grad_ce_ptr,
+    n_valid_ptr,
+    C,
+    kd_grad_scale,
+    eps,
+    BLOCK_C: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
 ):
     # grad_s = grad_kd · kd_scale/τ · (P_S − P_T) (saved by the forward)
     #        + grad_ce · (softmax(s) − (1−ε)·onehot(y) − ε/C) / n_valid.
@@ -215,8 +247,17 @@ def _kd_scale(n: int, c: int, temperature: float, reduction: str, tau_squared: b
     return (temperature**2 if tau_squared else 1.0) / {"batchmean": n, "mean": n * c, "sum": 1}[reduction]
 
 
-def _kd_loss_forward(s: Tensor, t: Tensor, labels: Optional[Tensor], temperature: float, reduction: str,
-                     tau_squared: bool, form: str, label_smoothing: float, store_grad: bool):
+def _kd_loss_forward(
+    s: Tensor,
+    t: Tensor,
+    labels: Optional[Tensor],
+    temperature: float,
+    reduction: str,
+    tau_squared: bool,
+    form: str,
+    label_smoothing: float,
+    store_grad: bool,
+):
     n, c = s.shape
     has_labels = labels is not None
     kd_scale = _kd_scale(n, c, temperature, reduction, tau_squared)
@@ -230,18 +271,46 @@ def _kd_loss_forward(s: Tensor, t: Tensor, labels: Optional[Tensor], temperature
     block_c = triton.next_power_of_2(c) if one_block else TWO_PASS_BLOCK_C
     with _device_guard(s.device):
         _kd_loss_fwd_kernel[(n,)](
-            s, s.stride(0), t, t.stride(0), y, y_stride, grad, c if store_grad else 0, rows, lse,
-            n, c, 1.0 / temperature, label_smoothing,
-            BLOCK_C=block_c, ONE_BLOCK=one_block, KL=form == "kl", HAS_LABELS=has_labels, STORE_GRAD=store_grad,
-            num_warps=_num_warps(block_c))
-        _kd_loss_reduce_kernel[(1,)](rows, y, y_stride, kd, ce, n_valid, n, kd_scale, BLOCK_N=REDUCE_BLOCK_N,
-                                     HAS_LABELS=has_labels, num_warps=4)
+            s,
+            s.stride(0),
+            t,
+            t.stride(0),
+            y,
+            y_stride,
+            grad,
+            c if store_grad else 0,
+            rows,
+            lse,
+            n,
+            c,
+            1.0 / temperature,
+            label_smoothing,
+            BLOCK_C=block_c,
+            ONE_BLOCK=one_block,
+            KL=form == "kl",
+            HAS_LABELS=has_labels,
+            STORE_GRAD=store_grad,
+            num_warps=_num_warps(block_c),
+        )
+        _kd_loss_reduce_kernel[(1,)](
+            rows, y, y_stride, kd, ce, n_valid, n, kd_scale, BLOCK_N=REDUCE_BLOCK_N, HAS_LABELS=has_labels, num_warps=4
+        )
     return kd, ce, grad, lse, n_valid
 
 
-def _kd_loss_backward(grad_buf: Tensor, s: Optional[Tensor], labels: Optional[Tensor], lse: Tensor, n_valid: Tensor,
-                      grad_kd: Tensor, grad_ce: Tensor, temperature: float, reduction: str, tau_squared: bool,
-                      label_smoothing: float) -> Tensor:
+def _kd_loss_backward(
+    grad_buf: Tensor,
+    s: Optional[Tensor],
+    labels: Optional[Tensor],
+    lse: Tensor,
+    n_valid: Tensor,
+    grad_kd: Tensor,
+    grad_ce: Tensor,
+    temperature: float,
+    reduction: str,
+    tau_squared: bool,
+    label_smoothing: float,
+) -> Tensor:
     n, c = grad_buf.shape
     kd_grad_scale = _kd_scale(n, c, temperature, reduction, tau_squared) / temperature
     out = torch.empty_like(grad_buf)
@@ -251,16 +320,40 @@ def _kd_loss_backward(grad_buf: Tensor, s: Optional[Tensor], labels: Optional[Te
     block_c = min(triton.next_power_of_2(c), TWO_PASS_BLOCK_C)
     with _device_guard(grad_buf.device):
         _kd_loss_bwd_kernel[(n,)](
-            grad_buf, c, s_arg, s_stride, y, y_stride, lse, out, c, grad_kd, grad_ce, n_valid, c, kd_grad_scale,
+            grad_buf,
+            c,
+            s_arg,
+            s_stride,
+            y,
+            y_stride,
+            lse,
+            out,
+            c,
+            grad_kd,
+            grad_ce,
+            n_valid,
+            c,
+            kd_grad_scale,
             label_smoothing,
-            BLOCK_C=block_c, HAS_LABELS=has_labels, num_warps=_num_warps(block_c))
+            BLOCK_C=block_c,
+            HAS_LABELS=has_labels,
+            num_warps=_num_warps(block_c),
+        )
     return out
 
 
 @torch.library.custom_op("fastfit::kd_loss_fwd", mutates_args=())
-def _kd_loss_fwd_op(s: Tensor, t: Tensor, labels: Optional[Tensor], temperature: float, reduction: str,
-                    tau_squared: bool, form: str, label_smoothing: float,
-                    store_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _kd_loss_fwd_op(
+    s: Tensor,
+    t: Tensor,
+    labels: Optional[Tensor],
+    temperature: float,
+    reduction: str,
+    tau_squared: bool,
+    form: str,
+    label_smoothing: float,
+    store_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _kd_loss_forward(s, t, labels, temperature, reduction, tau_squared, form, label_smoothing, store_grad)
 
 
@@ -268,16 +361,32 @@ def _kd_loss_fwd_op(s: Tensor, t: Tensor, labels: Optional[Tensor], temperature:
 def _(s, t, labels, temperature, reduction, tau_squared, form, label_smoothing, store_grad):
     n, c = s.shape
     scalar = lambda: s.new_empty((), dtype=torch.float32)  # noqa: E731
-    return (scalar(), scalar(), s.new_empty((n, c) if store_grad else (0,)),
-            s.new_empty((n, 2) if labels is not None else (0,), dtype=torch.float32), scalar())
+    return (
+        scalar(),
+        scalar(),
+        s.new_empty((n, c) if store_grad else (0,)),
+        s.new_empty((n, 2) if labels is not None else (0,), dtype=torch.float32),
+        scalar(),
+    )
 
 
 @torch.library.custom_op("fastfit::kd_loss_bwd", mutates_args=())
-def _kd_loss_bwd_op(grad_buf: Tensor, s: Optional[Tensor], labels: Optional[Tensor], lse: Tensor, n_valid: Tensor,
-                    grad_kd: Tensor, grad_ce: Tensor, temperature: float, reduction: str, tau_squared: bool,
-                    label_smoothing: float) -> Tensor:
-    return _kd_loss_backward(grad_buf, s, labels, lse, n_valid, grad_kd, grad_ce, temperature, reduction, tau_squared,
-                             label_smoothing)
+def _kd_loss_bwd_op(
+    grad_buf: Tensor,
+    s: Optional[Tensor],
+    labels: Optional[Tensor],
+    lse: Tensor,
+    n_valid: Tensor,
+    grad_kd: Tensor,
+    grad_ce: Tensor,
+    temperature: float,
+    reduction: str,
+    tau_squared: bool,
+    label_smoothing: float,
+) -> Tensor:
+    return _kd_loss_backward(
+        grad_buf, s, labels, lse, n_valid, grad_kd, grad_ce, temperature, reduction, tau_squared, label_smoothing
+    )
 
 
 @_kd_loss_bwd_op.register_fake
@@ -315,11 +424,14 @@ def _check_inputs(s, t, labels, temperature, reduction, tau_squared, form, label
         if x.dtype not in DTYPES:
             raise ValueError(f"expected {name} in float32/bfloat16/float16, got {x.dtype}")
         if x.stride(1) != 1:
-            raise ValueError(f"expected {name} with unit stride over classes (call .contiguous()), got strides "
-                             f"{tuple(x.stride())}")
+            raise ValueError(
+                f"expected {name} with unit stride over classes (call .contiguous()), got strides {tuple(x.stride())}"
+            )
     if s.shape != t.shape or s.dtype != t.dtype or s.device != t.device:
-        raise ValueError(f"expected student and teacher logits of one shape, dtype and device, got "
-                         f"{tuple(s.shape)} {s.dtype} {s.device} and {tuple(t.shape)} {t.dtype} {t.device}")
+        raise ValueError(
+            f"expected student and teacher logits of one shape, dtype and device, got "
+            f"{tuple(s.shape)} {s.dtype} {s.device} and {tuple(t.shape)} {t.dtype} {t.device}"
+        )
     if s.device.type != "cuda" and not (s.device.type == "cpu" and _INTERPRET):
         raise ValueError(f"expected CUDA tensors or TRITON_INTERPRET=1, got {s.device.type}")
     if labels is not None:
@@ -328,8 +440,11 @@ def _check_inputs(s, t, labels, temperature, reduction, tau_squared, form, label
             raise ValueError(f"expected labels as an int64 tensor of shape ({s.shape[0]},) or None, got {got}")
         if labels.device != s.device:
             raise ValueError(f"expected labels on the logits' device {s.device}, got {labels.device}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature > 0):
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature > 0)
+    ):
         raise ValueError(f"expected temperature as a finite Python number > 0, got {temperature!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"expected reduction in {REDUCTIONS}, got {reduction!r}")
@@ -337,14 +452,24 @@ def _check_inputs(s, t, labels, temperature, reduction, tau_squared, form, label
         raise ValueError(f"expected form in {FORMS}, got {form!r}")
     if not isinstance(tau_squared, bool):
         raise ValueError(f"expected tau_squared as a bool, got {tau_squared!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
-            0.0 <= label_smoothing <= 1.0):
+    if (
+        isinstance(label_smoothing, bool)
+        or not isinstance(label_smoothing, (int, float))
+        or not (0.0 <= label_smoothing <= 1.0)
+    ):
         raise ValueError(f"expected label_smoothing as a number in [0, 1], got {label_smoothing!r}")
 
 
-def fused_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor], temperature: float,
-                  reduction: str = "batchmean", tau_squared: bool = True, form: str = "kl",
-                  label_smoothing: float = 0.0) -> tuple[Tensor, Optional[Tensor]]:
+def fused_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Optional[Tensor],
+    temperature: float,
+    reduction: str = "batchmean",
+    tau_squared: bool = True,
+    form: str = "kl",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Optional[Tensor]]:
     """Temperature KD of the student on the teacher (+ the student's cross-entropy on labels), fused.
 
     kd: 0-dim fp32, `form` "kl" Σ P_T (log P_T − log P_S) or "ce" −Σ P_T log P_S at temperature τ, reduced by
@@ -355,7 +480,15 @@ def fused_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Option
     """
     _check_inputs(student_logits, teacher_logits, labels, temperature, reduction, tau_squared, form, label_smoothing)
     store_grad = torch.is_grad_enabled() and student_logits.requires_grad  # no gradient write for eval-only calls
-    kd, ce, _grad, _lse, _n_valid = _kd_loss_fwd_op(student_logits, teacher_logits.detach(), labels,
-                                                    float(temperature), reduction, tau_squared, form,
-                                                    float(label_smoothing), store_grad)
+    kd, ce, _grad, _lse, _n_valid = _kd_loss_fwd_op(
+        student_logits,
+        teacher_logits.detach(),
+        labels,
+        float(temperature),
+        reduction,
+        tau_squared,
+        form,
+        float(label_smoothing),
+        store_grad,
+    )
     return kd, ce if labels is not None else None

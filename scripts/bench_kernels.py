@@ -23,8 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--json", default="docs/results/bench_kernels.json", help="where to write the results")
     args = parser.parse_args(argv)
-    run(ops=args.ops, providers=args.providers, modes=args.modes, quick=args.quick, iters=args.iters,
-        warmup=args.warmup, json_path=args.json)
+    run(
+        ops=args.ops,
+        providers=args.providers,
+        modes=args.modes,
+        quick=args.quick,
+        iters=args.iters,
+        warmup=args.warmup,
+        json_path=args.json,
+    )
     return 0
 
 

@@ -87,8 +87,17 @@ def measure(train, warmup: int, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def sweep(root: Path, backends: list[str], batch: int, image_size: int, warmup: int, steps: int,
-          threads: list[int], hw_loads: list[float], workers: list[int]) -> list[dict]:
+def sweep(
+    root: Path,
+    backends: list[str],
+    batch: int,
+    image_size: int,
+    warmup: int,
+    steps: int,
+    threads: list[int],
+    hw_loads: list[float],
+    workers: list[int],
+) -> list[dict]:
     rows = []
     for backend in backends:
         if backend == "dali-mixed" and not torch.cuda.is_available():
@@ -104,13 +113,23 @@ def sweep(root: Path, backends: list[str], batch: int, image_size: int, warmup: 
             if backend == "torchvision":
                 train = build(backend, root, batch, image_size, workers=config["workers"])
             else:
-                train.spec = dataclasses.replace(train.spec, threads=config["threads"],
-                                                 hw_decoder_load=config["hw_decoder_load"] or 0.0)
+                train.spec = dataclasses.replace(
+                    train.spec, threads=config["threads"], hw_decoder_load=config["hw_decoder_load"] or 0.0
+                )
             seconds = measure(train, warmup, steps)
-            rows.append({"backend": backend, "threads": config.get("threads"),
-                         "hw_decoder_load": config.get("hw_decoder_load"), "workers": config.get("workers"),
-                         "batch": batch, "images": steps * batch, "seconds": seconds,
-                         "img_per_s": steps * batch / seconds, "device": str(_target())})
+            rows.append(
+                {
+                    "backend": backend,
+                    "threads": config.get("threads"),
+                    "hw_decoder_load": config.get("hw_decoder_load"),
+                    "workers": config.get("workers"),
+                    "batch": batch,
+                    "images": steps * batch,
+                    "seconds": seconds,
+                    "img_per_s": steps * batch / seconds,
+                    "device": str(_target()),
+                }
+            )
             settings = " ".join(f"{k}={v}" for k, v in config.items() if v is not None)
             print(f"  {backend:<11} {settings:<32} {rows[-1]['img_per_s']:>10,.0f} img/s", flush=True)
     return rows
@@ -153,11 +172,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = sorted(set(backends) - {"dali-mixed", "dali-cpu", "torchvision"})
     if unknown:
         raise SystemExit(f"--backends: expected names from dali-mixed, dali-cpu, torchvision, got {unknown[0]!r}")
-    rows = sweep(root, backends, args.batch, args.image_size, args.warmup, args.steps, args.threads, args.hw_loads,
-                 args.workers)
+    rows = sweep(
+        root, backends, args.batch, args.image_size, args.warmup, args.steps, args.threads, args.hw_loads, args.workers
+    )
     print(format_table(rows, COLUMNS))
-    path = write_results(args.out, {"benchmark": "loader", "root": str(root), "image_size": args.image_size,
-                                    "warmup": args.warmup, "steps": args.steps, "results": rows})
+    path = write_results(
+        args.out,
+        {
+            "benchmark": "loader",
+            "root": str(root),
+            "image_size": args.image_size,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "results": rows,
+        },
+    )
     print(f"results written to {path}")
     return rows
 

@@ -39,8 +39,9 @@ def ensure_dali(parts_dir: str | None) -> None:
         return
     except ImportError:
         if not parts_dir:
-            raise SystemExit("NVIDIA DALI is not importable; pass --dali-parts DIR (from pack-dali.sh) or "
-                             "pip install fastfit[dali]") from None
+            raise SystemExit(
+                "NVIDIA DALI is not importable; pass --dali-parts DIR (from pack-dali.sh) or pip install fastfit[dali]"
+            ) from None
     parts = sorted(glob.glob(os.path.join(parts_dir, "*", "part.*")), key=lambda p: int(p.rsplit(".", 1)[1]))
     if not parts:
         raise SystemExit(f"--dali-parts {parts_dir}: no */part.N files (pack-dali.sh writes p1/part.0, p2/part.1, …)")
@@ -70,8 +71,9 @@ def val_parity(cfg, root: Path, batch: int, gpu: torch.device) -> dict:
     from fastfit.data.dali import build_dali_loaders
 
     _, gpu_val, _ = build_dali_loaders(cfg, _env(gpu), root, batch_size=batch, seed=0, channels_last=True)
-    _, cpu_val, _ = build_dali_loaders(cfg, _env(torch.device("cpu")), root, batch_size=batch, seed=0,
-                                       channels_last=True)
+    _, cpu_val, _ = build_dali_loaders(
+        cfg, _env(torch.device("cpu")), root, batch_size=batch, seed=0, channels_last=True
+    )
     samples, max_diff, total_diff, values, labels_equal = 0, 0.0, 0.0, 0, True
     for (a, la), (b, lb) in zip(gpu_val, cpu_val, strict=True):
         diff = (a.float().cpu() - b).abs()
@@ -82,8 +84,14 @@ def val_parity(cfg, root: Path, batch: int, gpu: torch.device) -> dict:
         values += diff.numel()
     mean_diff = total_diff / max(1, values)
     ok = labels_equal and samples == gpu_val.num_samples == cpu_val.num_samples and mean_diff < PARITY_MEAN_LIMIT
-    return {"samples": samples, "labels_equal": labels_equal, "max_abs_diff": max_diff, "mean_abs_diff": mean_diff,
-            "mean_limit": PARITY_MEAN_LIMIT, "ok": ok}
+    return {
+        "samples": samples,
+        "labels_equal": labels_equal,
+        "max_abs_diff": max_diff,
+        "mean_abs_diff": mean_diff,
+        "mean_limit": PARITY_MEAN_LIMIT,
+        "ok": ok,
+    }
 
 
 def train_contract(cfg, root: Path, batch: int, gpu: torch.device) -> dict:
@@ -111,9 +119,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for gpu_check_dali.json")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--root", help="dataset folder holding train/ and val/ class folders")
-    source.add_argument("--synth", type=int, default=None,
-                        help="else: write this many synthetic train JPEGs; default 8192 (32 steps of 256 per epoch: "
-                             "the per-epoch pipeline build stays a small share of each timed window), 64 with --dry")
+    source.add_argument(
+        "--synth",
+        type=int,
+        default=None,
+        help="else: write this many synthetic train JPEGs; default 8192 (32 steps of 256 per epoch: "
+        "the per-epoch pipeline build stays a small share of each timed window), 64 with --dry",
+    )
     p.add_argument("--dry", action="store_true", help="no GPU: run every code path with the 'cpu' pipeline")
     p.add_argument("--dali-parts", default=None, help="pack-dali.sh's folder, unpacked if DALI is not installed")
     p.add_argument("--batch", type=int, default=None, help="default 256 (4 with --dry)")

@@ -22,8 +22,10 @@ def _seed_everything():
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("TRITON_INTERPRET") != "1":
-        skip_cpu_kernels = pytest.mark.skip(reason="runs the Triton kernels on CPU tensors through the interpreter "
-                                                   "(TRITON_INTERPRET=1); on a GPU the kernel tests run on CUDA")
+        skip_cpu_kernels = pytest.mark.skip(
+            reason="runs the Triton kernels on CPU tensors through the interpreter "
+            "(TRITON_INTERPRET=1); on a GPU the kernel tests run on CUDA"
+        )
         for item in items:
             if "interpreter" in item.keywords:
                 item.add_marker(skip_cpu_kernels)

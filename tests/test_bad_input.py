@@ -6,9 +6,9 @@ wrong type (test_config.py); class-count mismatch, batch size not divisible, che
 (test_engine.py, test_checkpoint.py); corrupt JPEG, DALI not installed (the data tests)."""
 
 import pytest
+from tiny_runs import write_config
 
 from fastfit.cli import main
-from tiny_runs import write_config
 
 
 @pytest.fixture
@@ -24,18 +24,27 @@ def _fails(capsys, *argv) -> str:
     return err
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.dataset=imagefolder", 'data.root=""'], "data.root is empty; set it to the folder holding train/ and val/"),
-    (["data.dataset=imagefolder", "data.root=/no/such/imagenet"],
-     "dataset folder /no/such/imagenet/train does not exist; data.root must hold train/ with one folder per class"),
-    (["run.nonfinite=maybe"], "run.nonfinite must be one of 'stop' | 'skip', got 'maybe'"),
-    (["run.nonfinite_check_every=0"], "run.nonfinite_check_every must be ≥ 1, got 0"),
-    (["run.checkpoint_every_steps=-5"], "run.checkpoint_every_steps must be ≥ 0, got -5"),
-    (['run.preemption_signals=["TERM9"]'], "run.preemption_signals: 'TERM9' is not a signal a process can catch"),
-    (["run.preemption_signals=SIGTERM"], "run.preemption_signals must be a list of str, got 'SIGTERM'"),
-    (["model.num_classes=7"], "has 10 classes but model.num_classes is 7; set model.num_classes=10"),
-    (["optim.batch_size=5", "data.train_subset=3"], "fewer than one global batch of 5; lower optim.batch_size"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.dataset=imagefolder", 'data.root=""'],
+            "data.root is empty; set it to the folder holding train/ and val/",
+        ),
+        (
+            ["data.dataset=imagefolder", "data.root=/no/such/imagenet"],
+            "dataset folder /no/such/imagenet/train does not exist; "
+            "data.root must hold train/ with one folder per class",
+        ),
+        (["run.nonfinite=maybe"], "run.nonfinite must be one of 'stop' | 'skip', got 'maybe'"),
+        (["run.nonfinite_check_every=0"], "run.nonfinite_check_every must be ≥ 1, got 0"),
+        (["run.checkpoint_every_steps=-5"], "run.checkpoint_every_steps must be ≥ 0, got -5"),
+        (['run.preemption_signals=["TERM9"]'], "run.preemption_signals: 'TERM9' is not a signal a process can catch"),
+        (["run.preemption_signals=SIGTERM"], "run.preemption_signals must be a list of str, got 'SIGTERM'"),
+        (["model.num_classes=7"], "has 10 classes but model.num_classes is 7; set model.num_classes=10"),
+        (["optim.batch_size=5", "data.train_subset=3"], "fewer than one global batch of 5; lower optim.batch_size"),
+    ],
+)
 def test_bad_settings_are_one_line_with_the_fix(config, tmp_path, capsys, overrides, message):
     err = _fails(capsys, "--config", str(config), f'run.output_dir="{tmp_path / "run"}"', *overrides)
     assert err.startswith("fastfit train: error: ") and message in err, err
@@ -44,18 +53,26 @@ def test_bad_settings_are_one_line_with_the_fix(config, tmp_path, capsys, overri
 def test_empty_dataset_folder_says_what_it_must_hold(config, tmp_path, capsys):
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "val").mkdir()
-    err = _fails(capsys, "--config", str(config), f'run.output_dir="{tmp_path / "run"}"', "data.dataset=imagefolder",
-                 f'data.root="{tmp_path / "data"}"')
+    err = _fails(
+        capsys,
+        "--config",
+        str(config),
+        f'run.output_dir="{tmp_path / "run"}"',
+        "data.dataset=imagefolder",
+        f'data.root="{tmp_path / "data"}"',
+    )
     assert "train has no class folders; expected train/<class name>/<image files>" in err, err
 
 
 def test_resume_targets_that_do_not_exist_are_named(config, tmp_path, capsys):
-    err = _fails(capsys, "--config", str(config), f'run.output_dir="{tmp_path / "run"}"', "--resume",
-                 str(tmp_path / "gone.pt"))
+    err = _fails(
+        capsys, "--config", str(config), f'run.output_dir="{tmp_path / "run"}"', "--resume", str(tmp_path / "gone.pt")
+    )
     assert f"--resume {tmp_path / 'gone.pt'}: no such checkpoint file or run folder" in err, err
     (tmp_path / "empty").mkdir()
-    err = _fails(capsys, "--config", str(config), f'run.output_dir="{tmp_path / "run"}"', "--resume",
-                 str(tmp_path / "empty"))
+    err = _fails(
+        capsys, "--config", str(config), f'run.output_dir="{tmp_path / "run"}"', "--resume", str(tmp_path / "empty")
+    )
     assert "the folder holds no checkpoint-*.pt files" in err, err
 
 

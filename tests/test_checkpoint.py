@@ -86,16 +86,25 @@ def test_truncated_and_foreign_files_are_refused_with_the_fix(tmp_path):
     good = ckpt.save_checkpoint(tmp_path, {"global_step": 7, "w": torch.ones(1000)}, keep=0)
     truncated = tmp_path / "checkpoint-0000000008.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint-0000000008.pt cannot be read .*truncated — resume "
-                                                   r"from an older checkpoint in the same folder"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"checkpoint-0000000008.pt cannot be read .*truncated — resume "
+        r"from an older checkpoint in the same folder",
+    ):
         ckpt.load_checkpoint(truncated)
     plain = tmp_path / "weights.pt"
     torch.save({"w": torch.ones(2)}, plain)
-    with pytest.raises(ckpt.CheckpointError, match=r"weights.pt is not a fastfit checkpoint .*use "
-                                                   r"model.student_weights="):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"weights.pt is not a fastfit checkpoint .*use "
+        r"model.student_weights=",
+    ):
         ckpt.load_checkpoint(plain)
-    with pytest.raises(ckpt.CheckpointError, match=r"does not exist; give a checkpoint file, a run folder, or "
-                                                   r"--resume auto"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"does not exist; give a checkpoint file, a run folder, or "
+        r"--resume auto",
+    ):
         ckpt.load_checkpoint(tmp_path / "nope.pt")
 
 
@@ -109,18 +118,28 @@ class _RunsCode:
 def test_files_that_would_run_code_are_refused_by_default(tmp_path, capfd):
     path = tmp_path / "checkpoint-0000000001.pt"
     torch.save({"format": ckpt.CHECKPOINT_FORMAT, "payload": _RunsCode()}, path)
-    with pytest.raises(ckpt.CheckpointError, match=r"holds Python objects beyond tensors and plain values, which "
-                                                   r"loading with weights_only=True refuses .*weights_only=False"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"holds Python objects beyond tensors and plain values, which "
+        r"loading with weights_only=True refuses .*weights_only=False",
+    ):
         ckpt.load_checkpoint(path)
     assert "should-not-run" not in capfd.readouterr().out
 
 
 def test_checkpoint_from_another_config_names_the_differing_keys(tmp_path):
-    saved = {"model": {"student": "resnet18", "teacher": "resnet50"}, "recipe": {"name": "mmrazor"},
-             "data": {"dataset": "imagefolder", "image_size": 224}, "optim": {"batch_size": 256, "lr": 0.1}}
+    saved = {
+        "model": {"student": "resnet18", "teacher": "resnet50"},
+        "recipe": {"name": "mmrazor"},
+        "data": {"dataset": "imagefolder", "image_size": 224},
+        "optim": {"batch_size": 256, "lr": 0.1},
+    }
     now = {**saved, "optim": {"batch_size": 512, "lr": 0.2}}
-    with pytest.raises(ckpt.CheckpointError, match=r"comes from another config \(optim.batch_size: checkpoint 256 vs "
-                                                   r"now 512\); resume with the config saved beside it"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"comes from another config \(optim.batch_size: checkpoint 256 vs "
+        r"now 512\); resume with the config saved beside it",
+    ):
         ckpt.check_same_config(saved, now, tmp_path / "c.pt")
     # the learning rate may change between runs
     ckpt.check_same_config(saved, {**saved, "optim": {"batch_size": 256, "lr": 0.3}}, tmp_path / "c.pt")

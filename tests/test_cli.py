@@ -8,8 +8,17 @@ import torch
 
 from fastfit.cli import main
 
-TINY = ["data.workers=0", "run.progress=false", "run.tensorboard=false", "run.device=cpu", "data.train_subset=256",
-        "data.val_subset=120", "optim.batch_size=64", "optim.epochs=1", "run.max_steps_per_epoch=2"]
+TINY = [
+    "data.workers=0",
+    "run.progress=false",
+    "run.tensorboard=false",
+    "run.device=cpu",
+    "data.train_subset=256",
+    "data.val_subset=120",
+    "optim.batch_size=64",
+    "optim.epochs=1",
+    "run.max_steps_per_epoch=2",
+]
 
 
 def test_config_list_and_show(capsys):
@@ -45,6 +54,7 @@ def test_train_export_eval_round_trip(tmp_path, capsys):
 
 
 def test_console_script_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "fastfit.cli", "config", "list"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastfit.cli", "config", "list"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "fitnets_r50_r18_in1k" in result.stdout

@@ -11,15 +11,19 @@ def test_mmrazor_preset_is_the_published_recipe():
     cfg = load_config(None, ["recipe.name=mmrazor", "model.teacher=resnet50"])
     hints = cfg.recipe.hints
     assert [(h.student, h.teacher, h.connector, h.loss, h.weight) for h in hints] == [
-        ("layer3", "layer3", "mmrazor", "normalized_l2", 10.0), ("layer4", "layer4", "mmrazor", "normalized_l2", 10.0)]
+        ("layer3", "layer3", "mmrazor", "normalized_l2", 10.0),
+        ("layer4", "layer4", "mmrazor", "normalized_l2", 10.0),
+    ]
     kd = cfg.recipe.kd
     assert (kd.temperature, kd.weight, kd.reduction, kd.tau_squared, kd.form) == (6.0, 10.0, "mean", True, "kl")
     assert cfg.recipe.ce_weight == 1.0
 
 
 def test_paper_preset_anneals_lambda_4_to_1_at_tau_3_without_tau_squared():
-    cfg = load_config(None, ["recipe.name=fitnets-paper", "model.teacher=resnet50",
-                             'recipe.hints=[{student="layer2", teacher="layer2"}]'])
+    cfg = load_config(
+        None,
+        ["recipe.name=fitnets-paper", "model.teacher=resnet50", 'recipe.hints=[{student="layer2", teacher="layer2"}]'],
+    )
     kd = cfg.recipe.kd
     assert (kd.temperature, kd.weight, kd.weight_end, kd.tau_squared, kd.form) == (3.0, 4.0, 1.0, False, "ce")
 
@@ -29,7 +33,14 @@ def test_shipped_imagenet_config_equals_mmrazor_schedule():
     assert (cfg.model.teacher, cfg.model.student, cfg.model.num_classes) == ("resnet50", "resnet18", 1000)
     o = cfg.optim
     assert (o.epochs, o.batch_size, o.lr, o.momentum, o.weight_decay, o.milestones, o.gamma) == (
-        100, 256, 0.1, 0.9, 1e-4, [30, 60, 90], 0.1)
+        100,
+        256,
+        0.1,
+        0.9,
+        1e-4,
+        [30, 60, 90],
+        0.1,
+    )
     d = cfg.data
     assert (d.augment, d.image_size, d.hflip, d.val_resize) == ("rrc", 224, True, 256)
     assert d.rrc_scale == [0.08, 1.0] and d.rrc_ratio == pytest.approx([3 / 4, 4 / 3])
@@ -51,16 +62,19 @@ def test_overrides_parse_toml_values_and_bare_strings():
         parse_override("optim.lr")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1", r"unknown config key optim.lrr; allowed keys in \[optim\]: lr, momentum"),
-    ("bogus.x=1", r"unknown config key bogus; allowed keys in \[top level\]: model, recipe, optim, data, run"),
-    ("optim.lr=\"fast\"", r"optim.lr must be float, got 'fast' \(str\)"),
-    ("optim.epochs=1.5", r"optim.epochs must be int, got 1.5"),
-    ("run.compile=maybe", r"run.compile must be bool or 'auto', got 'maybe'"),
-    ("recipe.name=kd", r"recipe.name must be one of 'mmrazor', 'fitnets-paper', 'supervised', got 'kd'"),
-    ("data.backend=ffcv", r"data.backend must be one of 'torchvision' \| 'dali' \| 'auto', got 'ffcv'"),
-    ("optim.batch_size=0", r"optim.batch_size must be > 0, got 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", r"unknown config key optim.lrr; allowed keys in \[optim\]: lr, momentum"),
+        ("bogus.x=1", r"unknown config key bogus; allowed keys in \[top level\]: model, recipe, optim, data, run"),
+        ('optim.lr="fast"', r"optim.lr must be float, got 'fast' \(str\)"),
+        ("optim.epochs=1.5", r"optim.epochs must be int, got 1.5"),
+        ("run.compile=maybe", r"run.compile must be bool or 'auto', got 'maybe'"),
+        ("recipe.name=kd", r"recipe.name must be one of 'mmrazor', 'fitnets-paper', 'supervised', got 'kd'"),
+        ("data.backend=ffcv", r"data.backend must be one of 'torchvision' \| 'dali' \| 'auto', got 'ffcv'"),
+        ("optim.batch_size=0", r"optim.batch_size must be > 0, got 0"),
+    ],
+)
 def test_bad_keys_and_values_name_the_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
@@ -74,7 +88,9 @@ def test_recipes_needing_a_teacher_or_hints_say_so():
 
 
 def test_missing_config_file_lists_shipped_configs(tmp_path):
-    with pytest.raises(ConfigError, match=r"not found; give a path or one of the shipped configs: .*fitnets_r50_r18_in1k"):
+    with pytest.raises(
+        ConfigError, match=r"not found; give a path or one of the shipped configs: .*fitnets_r50_r18_in1k"
+    ):
         load_config(tmp_path / "nope.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[optim\nlr = 1")

@@ -13,13 +13,13 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install fastfit[dali])")
 
+from constant_images import MEAN, STD, constant_split, identities  # noqa: E402
+
 from fastfit.config import DataConfig  # noqa: E402
 from fastfit.data import DataError  # noqa: E402
 from fastfit.data.dali import build_dali_loaders, dali_reason, read_file_list, require_dali  # noqa: E402
 from fastfit.data.torchvision import ShardedSampler, build_torchvision_loaders  # noqa: E402
 from fastfit.dist import DistEnv  # noqa: E402
-
-from constant_images import MEAN, STD, constant_split, identities  # noqa: E402
 
 SKLEARN_IMAGES = Path(__import__("sklearn.datasets").datasets.__file__).parent / "images"
 
@@ -29,8 +29,9 @@ def _env(rank: int = 0, world: int = 1) -> DistEnv:
 
 
 def _cfg(root: Path, **overrides) -> DataConfig:
-    base = dict(root=str(root), image_size=8, val_resize=0, augment="rrc", mean=MEAN, std=STD, workers=0,
-                dali_threads=2)
+    base = dict(
+        root=str(root), image_size=8, val_resize=0, augment="rrc", mean=MEAN, std=STD, workers=0, dali_threads=2
+    )
     return DataConfig(**{**base, **overrides})
 
 
@@ -38,8 +39,8 @@ def _cfg(root: Path, **overrides) -> DataConfig:
 def constant_root(tmp_path):
     # Class folder names whose sorted order differs from creation and numeric order: "10" < "9" < "B" < "a".
     root = tmp_path / "constant"
-    constant_split(root, "train", {"a": 5, "9": 4, "B": 6, "10": 6})   # 21 training images
-    constant_split(root, "val", {"a": 3, "9": 3, "B": 2, "10": 3})     # 11 val images: odd
+    constant_split(root, "train", {"a": 5, "9": 4, "B": 6, "10": 6})  # 21 training images
+    constant_split(root, "val", {"a": 3, "9": 3, "B": 2, "10": 3})  # 11 val images: odd
     return root
 
 
@@ -57,8 +58,9 @@ def photo_root(tmp_path):
 @pytest.mark.parametrize("augment", ["rrc", "pad-crop", "none"])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_batches_have_the_contract_shape_dtype_and_layout(constant_root, augment, channels_last):
-    train, val, classes = build_dali_loaders(_cfg(constant_root, augment=augment), _env(), constant_root,
-                                             batch_size=4, seed=0, channels_last=channels_last)
+    train, val, classes = build_dali_loaders(
+        _cfg(constant_root, augment=augment), _env(), constant_root, batch_size=4, seed=0, channels_last=channels_last
+    )
     assert classes == ["10", "9", "B", "a"] and train.steps_per_epoch == 5 and train.batch_size == 4
     batches = list(train.epoch(0))
     assert len(batches) == 5
@@ -72,17 +74,18 @@ def test_batches_have_the_contract_shape_dtype_and_layout(constant_root, augment
 
 
 def test_copy_and_zero_copy_outputs_agree_and_outlive_the_pipeline(constant_root):
-    train, _, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0,
-                                     channels_last=True)
-    kept = list(train.epoch(0))                   # zero-copy views of DALI's buffers (dynamic executor)
+    train, _, _ = build_dali_loaders(
+        _cfg(constant_root), _env(), constant_root, batch_size=4, seed=0, channels_last=True
+    )
+    kept = list(train.epoch(0))  # zero-copy views of DALI's buffers (dynamic executor)
     snapshot = [(x.clone(), y.clone()) for x, y in kept]
-    for _ in train.epoch(1):                      # more pipelines built, run and destroyed meanwhile
+    for _ in train.epoch(1):  # more pipelines built, run and destroyed meanwhile
         pass
-    assert all(torch.equal(x, a) and torch.equal(y, b) for (x, y), (a, b) in zip(kept, snapshot))
+    assert all(torch.equal(x, a) and torch.equal(y, b) for (x, y), (a, b) in zip(kept, snapshot, strict=True))
     pipe = train._build(train._pipeline(seed=11), list(range(8)))
     outputs = pipe.run()
     copied, viewed = train._to_torch(outputs, 3, zero_copy=False), train._to_torch(outputs, 3, zero_copy=True)
-    assert all(torch.equal(a, b) for a, b in zip(copied, viewed)) and copied[0].shape == (3, 3, 8, 8)
+    assert all(torch.equal(a, b) for a, b in zip(copied, viewed, strict=True)) and copied[0].shape == (3, 3, 8, 8)
 
 
 def test_normalization_matches_a_hand_computed_pixel(tmp_path):
@@ -92,10 +95,16 @@ def test_normalization_matches_a_hand_computed_pixel(tmp_path):
             Image.fromarray(np.full((30, 40, 3), (200, 100, 50), np.uint8)).save(tmp_path / split / "c" / f"{i}.png")
     expected = torch.tensor([(200 / 255 - 0.5) / 0.2, (100 / 255 - 0.4) / 0.25, (50 / 255 - 0.3) / 0.3])
     for augment in ("rrc", "pad-crop", "none"):
-        train, val, _ = build_dali_loaders(_cfg(tmp_path, augment=augment, image_size=16, val_resize=20), _env(),
-                                           tmp_path, batch_size=2, seed=0, channels_last=True)
-        (images, _), = list(train.epoch(0))
-        (val_images, _), = list(val)
+        train, val, _ = build_dali_loaders(
+            _cfg(tmp_path, augment=augment, image_size=16, val_resize=20),
+            _env(),
+            tmp_path,
+            batch_size=2,
+            seed=0,
+            channels_last=True,
+        )
+        ((images, _),) = list(train.epoch(0))
+        ((val_images, _),) = list(val)
         centre = images[:, :, 4:12, 4:12]  # pad-crop may show up to 2 padded pixels at an edge
         assert torch.allclose(centre, expected.view(1, 3, 1, 1).expand_as(centre), atol=1e-5), augment
         assert torch.allclose(val_images, expected.view(1, 3, 1, 1).expand_as(val_images), atol=1e-5)
@@ -106,15 +115,21 @@ def test_pad_crop_shifts_by_at_most_the_padding_and_fills_black(tmp_path):
         (tmp_path / split / "c").mkdir(parents=True)
         for i in range(16):
             Image.fromarray(np.full((16, 16, 3), 255, np.uint8)).save(tmp_path / split / "c" / f"{i}.png")
-    train, _, _ = build_dali_loaders(_cfg(tmp_path, augment="pad-crop", image_size=16, hflip=False), _env(),
-                                     tmp_path, batch_size=16, seed=0, channels_last=False)
-    (images, _), = list(train.epoch(0))
-    white = (images[:, 0] > 0).int()           # raw 255 → positive; padding (raw 0) → (0 − 0.5) / 0.2 < 0
+    train, _, _ = build_dali_loaders(
+        _cfg(tmp_path, augment="pad-crop", image_size=16, hflip=False),
+        _env(),
+        tmp_path,
+        batch_size=16,
+        seed=0,
+        channels_last=False,
+    )
+    ((images, _),) = list(train.epoch(0))
+    white = (images[:, 0] > 0).int()  # raw 255 → positive; padding (raw 0) → (0 − 0.5) / 0.2 < 0
     black = (1.0 - 0.5) / 0.2
     assert torch.allclose(images[:, 0][white == 1], torch.tensor(black))
     rows, cols = white.sum(2).amax(1), white.sum(1).amax(1)
-    assert rows.min() >= 14 and cols.min() >= 14          # padding 16 // 8 = 2: at most 2 rows/columns lost
-    assert (rows < 16).any() and (cols < 16).any()        # and the shift does happen
+    assert rows.min() >= 14 and cols.min() >= 14  # padding 16 // 8 = 2: at most 2 rows/columns lost
+    assert (rows < 16).any() and (cols < 16).any()  # and the shift does happen
 
 
 def test_labels_and_classes_match_torchvision_image_folder(constant_root):
@@ -122,18 +137,22 @@ def test_labels_and_classes_match_torchvision_image_folder(constant_root):
 
     for split in ("train", "val"):
         reference = ImageFolder(constant_root / split)
-        _, val, classes = build_dali_loaders(_cfg(constant_root, val_dir=split), _env(), constant_root,
-                                             batch_size=3, seed=0, channels_last=True)
+        _, val, classes = build_dali_loaders(
+            _cfg(constant_root, val_dir=split), _env(), constant_root, batch_size=3, seed=0, channels_last=True
+        )
         assert classes == reference.classes
-        got = [(k, label) for images, labels in val for k, label in zip(identities(images), labels.tolist())]
+        got = [
+            (k, label) for images, labels in val for k, label in zip(identities(images), labels.tolist(), strict=True)
+        ]
         assert got == [(k, target) for k, target in enumerate(reference.targets)]
 
 
 def test_val_two_ranks_cover_an_odd_set_exactly_once(constant_root):
     parts = []
     for rank in range(2):
-        _, val, _ = build_dali_loaders(_cfg(constant_root), _env(rank, 2), constant_root, batch_size=4, seed=0,
-                                       channels_last=True)
+        _, val, _ = build_dali_loaders(
+            _cfg(constant_root), _env(rank, 2), constant_root, batch_size=4, seed=0, channels_last=True
+        )
         seen = [k for images, _ in val for k in identities(images)]
         assert len(seen) == val.num_samples
         parts.append(seen)
@@ -143,19 +162,19 @@ def test_val_two_ranks_cover_an_odd_set_exactly_once(constant_root):
 
 def test_train_sharding_matches_torchvision_and_one_rank_global_batches(constant_root):
     # 21 images, 2 ranks × batch 4: 2 steps, 16 samples per epoch, the tail dropped.
-    one, _, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=8, seed=3,
-                                   channels_last=True)
+    one, _, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=8, seed=3, channels_last=True)
     for epoch in (0, 1):
         global_batches = [identities(images) for images, _ in one.epoch(epoch)]
         ranks = []
         for rank in range(2):
-            train, _, _ = build_dali_loaders(_cfg(constant_root), _env(rank, 2), constant_root, batch_size=4, seed=3,
-                                             channels_last=True)
+            train, _, _ = build_dali_loaders(
+                _cfg(constant_root), _env(rank, 2), constant_root, batch_size=4, seed=3, channels_last=True
+            )
             assert train.steps_per_epoch == 2
             ranks.append([identities(images) for images, _ in train.epoch(epoch)])
             sampler = ShardedSampler(21, _env(rank, 2), seed=3, shuffle=True, batch_size=4)
             sampler.set_epoch(epoch)
-            assert sum(ranks[-1], []) == [i for _, i in sampler]   # the torchvision backend's order, exactly
+            assert sum(ranks[-1], []) == [i for _, i in sampler]  # the torchvision backend's order, exactly
         assert set(sum(ranks[0], [])).isdisjoint(sum(ranks[1], []))
         for step in range(2):
             assert sorted(ranks[0][step] + ranks[1][step]) == sorted(global_batches[step])
@@ -166,16 +185,17 @@ def test_train_sharding_matches_torchvision_and_one_rank_global_batches(constant
 def test_epochs_are_deterministic_and_resume_keeps_the_order(photo_root, constant_root):
     cfg = _cfg(photo_root, image_size=32)
     train, _, _ = build_dali_loaders(cfg, _env(), photo_root, batch_size=2, seed=5, channels_last=True)
-    (first, _), = list(train.epoch(1))
-    (second, _), = list(train.epoch(1))
-    assert torch.equal(first, second)                            # same epoch number, same pixels
-    (other, _), = list(train.epoch(2))
-    assert not torch.equal(first, other)                         # another epoch, other crops
+    ((first, _),) = list(train.epoch(1))
+    ((second, _),) = list(train.epoch(1))
+    assert torch.equal(first, second)  # same epoch number, same pixels
+    ((other, _),) = list(train.epoch(2))
+    assert not torch.equal(first, other)  # another epoch, other crops
     again, _, _ = build_dali_loaders(cfg, _env(), photo_root, batch_size=2, seed=5, channels_last=True)
-    assert torch.equal(next(again.epoch(1))[0], first)           # a fresh loader replays it too
+    assert torch.equal(next(again.epoch(1))[0], first)  # a fresh loader replays it too
     # Mid-epoch resume: the remaining batches hold exactly the samples of the uninterrupted epoch.
-    train, _, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=2,
-                                     channels_last=True)
+    train, _, _ = build_dali_loaders(
+        _cfg(constant_root), _env(), constant_root, batch_size=4, seed=2, channels_last=True
+    )
     full = [(identities(x), y.tolist()) for x, y in train.epoch(4)]
     assert [(identities(x), y.tolist()) for x, y in train.epoch(4, start_step=3)] == full[3:]
     assert list(train.epoch(4, start_step=5)) == []
@@ -188,8 +208,8 @@ def test_val_matches_torchvision_on_real_photos(photo_root):
         cfg = _cfg(photo_root, image_size=size, val_resize=val_resize)
         _, dali_val, _ = build_dali_loaders(cfg, _env(), photo_root, batch_size=2, seed=0, channels_last=True)
         _, tv_val, _ = build_torchvision_loaders(cfg, _env(), photo_root, batch_size=2, seed=0, channels_last=True)
-        (a, la), = list(dali_val)
-        (b, lb), = list(tv_val)
+        ((a, la),) = list(dali_val)
+        ((b, lb),) = list(tv_val)
         assert torch.equal(la, lb)
         # Same output size and crop offset as torchvision; the resampling filters differ by ≤ 1 grey level here.
         assert (a - b).abs().max() <= 1.01 / 255 / min(STD), (val_resize, size, (a - b).abs().max())
@@ -199,8 +219,8 @@ def test_train_without_augmentation_matches_torchvision(photo_root):
     cfg = _cfg(photo_root, image_size=64, augment="none", hflip=False)
     dali_train, _, _ = build_dali_loaders(cfg, _env(), photo_root, batch_size=2, seed=0, channels_last=False)
     tv_train, _, _ = build_torchvision_loaders(cfg, _env(), photo_root, batch_size=2, seed=0, channels_last=False)
-    (a, la), = list(dali_train.epoch(0))
-    (b, lb), = list(tv_train.epoch(0))
+    ((a, la),) = list(dali_train.epoch(0))
+    ((b, lb),) = list(tv_train.epoch(0))
     assert torch.equal(la, lb)
     # The short side is resized edge to edge here: the filters treat the outermost pixels differently, so the
     # interior is held to 1 grey level and the whole image to a small mean difference.
@@ -217,17 +237,25 @@ def _encoded(pixels: np.ndarray, mode: str, fmt: str) -> bytes:
 def test_grey_cmyk_palette_and_alpha_images_decode_to_rgb_like_pil(tmp_path):
     y, x = np.mgrid[0:16, 0:16]
     pixels = np.stack([x * 15, y * 15, (x + y) * 7], -1).astype(np.uint8)
-    cases = {"grey.jpg": ("L", "JPEG"), "cmyk.jpg": ("CMYK", "JPEG"), "rgb.jpg": ("RGB", "JPEG"),
-             "rgb.png": ("RGB", "PNG"), "grey.png": ("L", "PNG"), "rgba.png": ("RGBA", "PNG"), "pal.png": ("P", "PNG")}
+    cases = {
+        "grey.jpg": ("L", "JPEG"),
+        "cmyk.jpg": ("CMYK", "JPEG"),
+        "rgb.jpg": ("RGB", "JPEG"),
+        "rgb.png": ("RGB", "PNG"),
+        "grey.png": ("L", "PNG"),
+        "rgba.png": ("RGBA", "PNG"),
+        "pal.png": ("P", "PNG"),
+    }
     for split in ("train", "val"):
         for name, (mode, fmt) in cases.items():
             (tmp_path / split / name.replace(".", "_")).mkdir(parents=True)
             (tmp_path / split / name.replace(".", "_") / name).write_bytes(_encoded(pixels, mode, fmt))
-    _, val, classes = build_dali_loaders(_cfg(tmp_path, image_size=16), _env(), tmp_path, batch_size=len(cases),
-                                         seed=0, channels_last=True)
-    (images, labels), = list(val)
+    _, val, classes = build_dali_loaders(
+        _cfg(tmp_path, image_size=16), _env(), tmp_path, batch_size=len(cases), seed=0, channels_last=True
+    )
+    ((images, labels),) = list(val)
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
-    for image, label in zip(images, labels.tolist()):
+    for image, label in zip(images, labels.tolist(), strict=True):
         path = next((tmp_path / "val" / classes[label]).iterdir())
         reference = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1) / 255
         assert (image - (reference - mean) / std).abs().max() < 1e-5, path.name
@@ -241,19 +269,29 @@ def test_file_list_form(constant_root, tmp_path):
     val_listing = tmp_path / "val.txt"
     val_listing.write_text("".join(f"{p} 4\n" for p in sorted((constant_root / "val").rglob("*.png"))[:3]))
     assert read_file_list(listing, constant_root)[0] == (str(files[0]), 0)
-    train, val, classes = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0,
-                                             channels_last=True, train_list=listing, val_list=val_listing)
+    train, val, classes = build_dali_loaders(
+        _cfg(constant_root),
+        _env(),
+        constant_root,
+        batch_size=4,
+        seed=0,
+        channels_last=True,
+        train_list=listing,
+        val_list=val_listing,
+    )
     assert classes == ["0", "1", "2", "3", "4"] and train.steps_per_epoch == 5
     for images, labels in train.epoch(0):
-        assert [k % 3 for k in identities(images)] == labels.tolist()   # identity k is listing position here
+        assert [k % 3 for k in identities(images)] == labels.tolist()  # identity k is listing position here
     assert [labels.tolist() for _, labels in val] == [[4, 4, 4]]
     # A list for one split, the folder for the other: class names come from the folders.
-    train, val, classes = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0,
-                                             channels_last=True, train_list=listing)
+    train, val, classes = build_dali_loaders(
+        _cfg(constant_root), _env(), constant_root, batch_size=4, seed=0, channels_last=True, train_list=listing
+    )
     assert classes == ["10", "9", "B", "a"] and val.num_samples == 11
     with pytest.raises(DataError, match="a file list has label 4 but .* has only 4 class folders"):
-        build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0, channels_last=True,
-                           val_list=val_listing)
+        build_dali_loaders(
+            _cfg(constant_root), _env(), constant_root, batch_size=4, seed=0, channels_last=True, val_list=val_listing
+        )
 
     bad = tmp_path / "bad.txt"
     bad.write_text("a/000.png 1\na/001.png one\n")
@@ -265,8 +303,11 @@ def test_file_list_form(constant_root, tmp_path):
 
 def test_missing_dali_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
-    with pytest.raises(DataError, match=r"needs NVIDIA DALI, which is not installed: pip install fastfit\[dali\] "
-                                        r"\(nvidia-dali-cuda130\), or set data.backend=torchvision"):
+    with pytest.raises(
+        DataError,
+        match=r"needs NVIDIA DALI, which is not installed: pip install fastfit\[dali\] "
+        r"\(nvidia-dali-cuda130\), or set data.backend=torchvision",
+    ):
         require_dali()
 
 
@@ -281,21 +322,23 @@ BAD_FILES = {"empty": b"", "text": b"not an image at all\n" * 40, "truncated": N
 @pytest.mark.parametrize("kind", sorted(BAD_FILES))
 def test_bad_file_stops_the_build_naming_it(constant_root, kind):
     bad = constant_root / "train" / "B" / "002_bad.jpg"
-    bad.write_bytes(BAD_FILES[kind] if BAD_FILES[kind] is not None
-                    else (SKLEARN_IMAGES / "china.jpg").read_bytes()[:20_000])
+    bad.write_bytes(
+        BAD_FILES[kind] if BAD_FILES[kind] is not None else (SKLEARN_IMAGES / "china.jpg").read_bytes()[:20_000]
+    )
     with pytest.raises(DataError, match=f"cannot decode image {bad}: .*; remove the file or set data.skip_bad=true"):
         build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0, channels_last=True)
 
 
 def test_skip_bad_substitutes_train_and_drops_val_like_torchvision(constant_root):
-    bad_train = constant_root / "train" / "B" / "002_bad.png"   # listed between B/002.png and B/003.png
+    bad_train = constant_root / "train" / "B" / "002_bad.png"  # listed between B/002.png and B/003.png
     bad_train.write_bytes(b"not a png\n" * 30)
     bad_val = constant_root / "val" / "9" / "000_bad.png"
     bad_val.write_bytes(b"")
     cfg = _cfg(constant_root, skip_bad=True)
     train, val, _ = build_dali_loaders(cfg, _env(), constant_root, batch_size=4, seed=1, channels_last=True)
-    tv_train, tv_val, _ = build_torchvision_loaders(cfg, _env(), constant_root, batch_size=4, seed=1,
-                                                    channels_last=True)
+    tv_train, tv_val, _ = build_torchvision_loaders(
+        cfg, _env(), constant_root, batch_size=4, seed=1, channels_last=True
+    )
     assert train.bad_files == [str(bad_train)] and val.bad_files == [str(bad_val)]
     for epoch in range(3):
         dali_ids = [identities(x) for x, _ in train.epoch(epoch)]
@@ -310,12 +353,12 @@ def test_decode_failure_at_run_time_is_named_or_skipped(constant_root, monkeypat
     bad = constant_root / "val" / "B" / "000_cut.jpg"
     bad.write_bytes((SKLEARN_IMAGES / "china.jpg").read_bytes()[:20_000])
     monkeypatch.setattr("fastfit.data.dali.scan_bad_files", lambda paths, env: {})
-    _, val, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0,
-                                   channels_last=True)
+    _, val, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0, channels_last=True)
     with pytest.raises(DataError, match=f"cannot decode image {bad}: "):
         list(val)
-    _, val, _ = build_dali_loaders(_cfg(constant_root, skip_bad=True), _env(), constant_root, batch_size=4, seed=0,
-                                   channels_last=True)
+    _, val, _ = build_dali_loaders(
+        _cfg(constant_root, skip_bad=True), _env(), constant_root, batch_size=4, seed=0, channels_last=True
+    )
     assert val.num_samples == 12
     seen = [k for x, _ in val for k in identities(x)]
     assert sorted(seen) == list(range(11)) and val.bad_files == [str(bad)] and val.num_samples == 11
@@ -323,12 +366,13 @@ def test_decode_failure_at_run_time_is_named_or_skipped(constant_root, monkeypat
 
 def test_train_decode_failure_at_run_time_substitutes_like_torchvision(constant_root, monkeypatch):
     # Full decode ("none"): a random-resized-crop ROI decode may stop before the missing part and not notice.
-    bad = constant_root / "train" / "B" / "002_cut.jpg"   # listed between B/002.png and B/003.png
+    bad = constant_root / "train" / "B" / "002_cut.jpg"  # listed between B/002.png and B/003.png
     bad.write_bytes((SKLEARN_IMAGES / "china.jpg").read_bytes()[:20_000])
     monkeypatch.setattr("fastfit.data.dali.scan_bad_files", lambda paths, env: {})
     # 22 files in batches of 2: every file is in every epoch (no tail dropped).
-    train, _, _ = build_dali_loaders(_cfg(constant_root, augment="none"), _env(), constant_root, batch_size=2,
-                                     seed=1, channels_last=True)
+    train, _, _ = build_dali_loaders(
+        _cfg(constant_root, augment="none"), _env(), constant_root, batch_size=2, seed=1, channels_last=True
+    )
     with pytest.raises(DataError, match=f"cannot decode image {bad}: "):
         list(train.epoch(0))
     cfg = _cfg(constant_root, skip_bad=True, augment="none")
@@ -340,8 +384,9 @@ def test_train_decode_failure_at_run_time_substitutes_like_torchvision(constant_
 
 
 def test_failing_batch_is_searched_on_the_host_when_dali_does_not_name_the_file(constant_root):
-    train, _, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0,
-                                     channels_last=True)
+    train, _, _ = build_dali_loaders(
+        _cfg(constant_root), _env(), constant_root, batch_size=4, seed=0, channels_last=True
+    )
     broken = train.samples[6][0]
     Path(broken).write_bytes(b"")
     found = train._find_bad(RuntimeError("nvImageCodec failure: '#4'"), list(range(21)), batch=1)
@@ -349,9 +394,11 @@ def test_failing_batch_is_searched_on_the_host_when_dali_does_not_name_the_file(
 
 
 def test_dali_reason_is_the_line_after_encountered():
-    message = ("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\nwhich was used "
-               "...:\n  File \"x.py\", line 3\n\nencountered:\n\nFailed to decode sample #5 : /d/a.jpg\n"
-               "Current pipeline object is no longer valid.")
+    message = (
+        "Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\nwhich was used "
+        '...:\n  File "x.py", line 3\n\nencountered:\n\nFailed to decode sample #5 : /d/a.jpg\n'
+        "Current pipeline object is no longer valid."
+    )
     assert dali_reason(RuntimeError(message)) == "Failed to decode sample #5 : /d/a.jpg"
     assert dali_reason(RuntimeError("plain")) == "plain"
 
@@ -364,9 +411,25 @@ def test_scripts_run_on_the_cpu(tmp_path, constant_root):
     scripts = Path(__file__).resolve().parent.parent / "scripts"
     argv = sys.argv
     try:
-        sys.argv = ["bench_loader.py", "--root", str(constant_root), "--batch", "4", "--image-size", "8",
-                    "--warmup", "1", "--steps", "7", "--threads", "1,2", "--workers", "0",
-                    "--out", str(tmp_path / "bench.json")]
+        sys.argv = [
+            "bench_loader.py",
+            "--root",
+            str(constant_root),
+            "--batch",
+            "4",
+            "--image-size",
+            "8",
+            "--warmup",
+            "1",
+            "--steps",
+            "7",
+            "--threads",
+            "1,2",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "bench.json"),
+        ]
         runpy.run_path(str(scripts / "bench_loader.py"), run_name="__main__")
         bench = json.loads((tmp_path / "bench.json").read_text())
         providers = [(r["backend"], r["threads"], r["workers"]) for r in bench["results"]]
@@ -374,8 +437,20 @@ def test_scripts_run_on_the_cpu(tmp_path, constant_root):
         # 7 timed steps after 1 warm-up run past the 5-step epoch into the next one
         assert all(r["img_per_s"] > 0 and r["images"] == 28 for r in bench["results"])
 
-        sys.argv = ["gpu_check_dali.py", "--dry", "--root", str(constant_root), "--out", str(tmp_path / "gpu"),
-                    "--threads", "2", "--warmup", "1", "--steps", "2"]
+        sys.argv = [
+            "gpu_check_dali.py",
+            "--dry",
+            "--root",
+            str(constant_root),
+            "--out",
+            str(tmp_path / "gpu"),
+            "--threads",
+            "2",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+        ]
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_path(str(scripts / "gpu_check_dali.py"), run_name="__main__")
         assert exit_info.value.code == 0
@@ -391,12 +466,22 @@ def test_config_file_lists_reach_dali_and_torchvision_refuses_them(constant_root
     from fastfit.data import build_loaders
 
     listing = tmp_path / "train.txt"
-    listing.write_text("".join(f"{p.relative_to(constant_root)} {i % 2}\n"
-                               for i, p in enumerate(sorted((constant_root / "train").rglob("*.png")))))
-    bundle = build_loaders(_cfg(constant_root, backend="dali", train_list=str(listing)), _env(), batch_size=4, seed=0,
-                           channels_last=True)
+    listing.write_text(
+        "".join(
+            f"{p.relative_to(constant_root)} {i % 2}\n"
+            for i, p in enumerate(sorted((constant_root / "train").rglob("*.png")))
+        )
+    )
+    bundle = build_loaders(
+        _cfg(constant_root, backend="dali", train_list=str(listing)), _env(), batch_size=4, seed=0, channels_last=True
+    )
     assert bundle.backend == "dali" and bundle.train.steps_per_epoch == 5
     assert {label for _, labels in bundle.train.epoch(0) for label in labels.tolist()} == {0, 1}
     with pytest.raises(DataError, match=r"data.train_list / data.val_list are read by the DALI backend only"):
-        build_loaders(_cfg(constant_root, backend="torchvision", train_list=str(listing)), _env(), batch_size=4,
-                      seed=0, channels_last=True)
+        build_loaders(
+            _cfg(constant_root, backend="torchvision", train_list=str(listing)),
+            _env(),
+            batch_size=4,
+            seed=0,
+            channels_last=True,
+        )

@@ -34,7 +34,7 @@ def _png_with_corrupt_pixels() -> bytes:
     data = bytearray(_png())
     start = data.index(b"IDAT") + 4
     length = int.from_bytes(data[start - 8 : start - 4], "big")
-    data[start : start + length] = bytes(length)                       # zeros: an invalid zlib stream
+    data[start : start + length] = bytes(length)  # zeros: an invalid zlib stream
     data[start + length : start + length + 4] = zlib.crc32(bytes(data[start - 4 : start + length])).to_bytes(4, "big")
     return bytes(data)
 
@@ -69,7 +69,7 @@ def test_good_images_pass_both_checks(tmp_path, data):
 def test_corrupt_pixel_data_needs_the_full_decode(tmp_path):
     path = tmp_path / "corrupt.png"
     path.write_bytes(_png_with_corrupt_pixels())
-    assert check_image_file(path) is None                      # headers and end marker are fine
+    assert check_image_file(path) is None  # headers and end marker are fine
     assert check_image_file(path, decode=True).startswith("corrupt:")
 
 
@@ -95,8 +95,10 @@ def _dataset(root: Path) -> dict[str, Path]:
             (root / split / name).mkdir(parents=True)
             for i in range(3):
                 (root / split / name / f"{i}.jpg").write_bytes(_jpeg())
-    bad = {"train/dog/broken.jpg": root / "train" / "dog" / "broken.jpg",
-           "val/cat/empty.png": root / "val" / "cat" / "empty.png"}
+    bad = {
+        "train/dog/broken.jpg": root / "train" / "dog" / "broken.jpg",
+        "val/cat/empty.png": root / "val" / "cat" / "empty.png",
+    }
     bad["train/dog/broken.jpg"].write_bytes(_jpeg()[:-100])
     bad["val/cat/empty.png"].write_bytes(b"")
     (root / "train" / "cat" / "notes.txt").write_text("not listed by ImageFolder")

@@ -74,8 +74,10 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     # every validation image counted exactly once across the two ranks
     assert '"val_samples": 101' in summary_two
     # only rank 0 writes, one line per step; logged losses are global means, so they equal the 1-process ones
-    steps = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
-                 if '"lr"' in line] for n in ("one", "two")}
+    steps = {
+        n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+        for n in ("one", "two")
+    }
     assert len(steps["two"]) == 4
     losses_one = [s["loss"] for s in steps["one"]]
     assert losses_one[0] != losses_one[-1], "the runs must actually train"

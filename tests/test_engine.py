@@ -20,15 +20,31 @@ def small(config: str, out, *extra: str):
 
 
 def paper_config(out, *extra):
-    return small("demo_fmnist_fitnet", out, "data.train_subset=256", "data.val_subset=100", "optim.batch_size=32",
-                 "optim.epochs=2", "recipe.hint_epochs=1", "run.max_steps_per_epoch=3", "run.keep_checkpoints=0",
-                 *extra)
+    return small(
+        "demo_fmnist_fitnet",
+        out,
+        "data.train_subset=256",
+        "data.val_subset=100",
+        "optim.batch_size=32",
+        "optim.epochs=2",
+        "recipe.hint_epochs=1",
+        "run.max_steps_per_epoch=3",
+        "run.keep_checkpoints=0",
+        *extra,
+    )
 
 
 @pytest.mark.slow
 def test_short_real_data_training_is_far_above_chance(tmp_path):
-    cfg = small("demo_fmnist_teacher", tmp_path, "data.train_subset=3000", "data.val_subset=500",
-                "optim.batch_size=64", "optim.epochs=1", "optim.lr=0.05")
+    cfg = small(
+        "demo_fmnist_teacher",
+        tmp_path,
+        "data.train_subset=3000",
+        "data.val_subset=500",
+        "optim.batch_size=64",
+        "optim.epochs=1",
+        "optim.lr=0.05",
+    )
     summary = train(cfg)
     top1 = summary["final"]["top1"]
     assert top1 > 60.0, f"10 classes: chance is 10 %, got {top1:.1f} %"
@@ -49,8 +65,10 @@ def test_paper_stage_one_trains_only_up_to_the_guided_layer(tmp_path):
     assert hint_stage.teacher is not None and "logits" not in hint_stage.teacher(torch.zeros(2, 3, 28, 28))
     kd_stage = StageRunner(run, 1)
     assert kd_stage.stage.name == "kd"
-    assert not any(id(p) in {id(q) for g in kd_stage.optimizer.param_groups for q in g["params"]}
-                   for p in run.connectors.parameters())
+    assert not any(
+        id(p) in {id(q) for g in kd_stage.optimizer.param_groups for q in g["params"]}
+        for p in run.connectors.parameters()
+    )
     # λ anneals linearly from 4 to 1 over the KD stage's steps (2 epochs × 3 steps)
     torch.testing.assert_close(kd_stage.kd_weights, torch.tensor([4.0, 3.5, 3.0, 2.5, 2.0, 1.5]))
     assert all(not p.requires_grad for p in run.teacher.parameters()) and not run.teacher.training

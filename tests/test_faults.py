@@ -5,10 +5,10 @@ import re
 import time
 
 import pytest
+from tiny_runs import torchrun, write_config
 
 from fastfit.errors import FastfitError
 from fastfit.faults import Fault, fault_from_env
-from tiny_runs import torchrun, write_config
 
 BOUND_S = 60  # torchrun notices a failed worker within 0.1 s; the other rank lingers at most 5 s
 
@@ -16,17 +16,19 @@ BOUND_S = 60  # torchrun notices a failed worker within 0.1 s; the other rank li
 def test_one_rank_raising_stops_all_ranks_with_that_error(tmp_path):
     config = write_config(tmp_path, "mmrazor")
     started = time.monotonic()
-    result = torchrun(2, config, tmp_path / "run", "run.log_interval=5", env={"FASTFIT_INJECT": "raise@3:rank1"},
-                      timeout=BOUND_S)  # a hang fails the test with TimeoutExpired
+    result = torchrun(
+        2, config, tmp_path / "run", "run.log_interval=5", env={"FASTFIT_INJECT": "raise@3:rank1"}, timeout=BOUND_S
+    )  # a hang fails the test with TimeoutExpired
     elapsed = time.monotonic() - started
     out = result.stdout
     assert result.returncode != 0
-    root = out[out.index("Root Cause (first observed failure):"):]
+    root = out[out.index("Root Cause (first observed failure):") :]
     assert re.search(r"rank\s+: 1 \(local_rank: 1\)", root), root
     assert "RuntimeError: fault injected by FASTFIT_INJECT=raise@3:rank1 at global step 3 on rank 1" in root, root
     # rank 0 either stopped on its own, saying why, or was stopped by torchrun while it waited for that
-    assert ("rank 0 stopped because another process of the run failed first" in out
-            or re.search(r"rank\s+: 0 \(local_rank: 0\)\s+exitcode\s+: -15", out)), out[-4000:]
+    assert "rank 0 stopped because another process of the run failed first" in out or re.search(
+        r"rank\s+: 0 \(local_rank: 0\)\s+exitcode\s+: -15", out
+    ), out[-4000:]
     assert elapsed < BOUND_S
 
 
@@ -36,6 +38,9 @@ def test_fault_specs_parse_or_say_the_format(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert fault_from_env(rank=1) is None, "a torchrun restart runs clean"
     monkeypatch.setenv("FASTFIT_INJECT", "explode@5")
-    with pytest.raises(FastfitError, match=r"FASTFIT_INJECT='explode@5' is not <fault>@<step>\[:rank<r>\] with fault "
-                                           r"sigterm, sigusr1, sigkill, raise or nan .*unset FASTFIT_INJECT"):
+    with pytest.raises(
+        FastfitError,
+        match=r"FASTFIT_INJECT='explode@5' is not <fault>@<step>\[:rank<r>\] with fault "
+        r"sigterm, sigusr1, sigkill, raise or nan .*unset FASTFIT_INJECT",
+    ):
         fault_from_env(rank=0)

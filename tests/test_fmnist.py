@@ -29,7 +29,9 @@ def test_export_keeps_labels_pixels_and_counts(tmp_path):
 
 def test_missing_package_names_the_debian_package(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTFIT_FMNIST_DIR", str(tmp_path))
-    with pytest.raises(DataError, match=r"Fashion-MNIST files are missing from .*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(
+        DataError, match=r"Fashion-MNIST files are missing from .*apt-get install dataset-fashion-mnist"
+    ):
         ensure_fashion_mnist_jpegs(tmp_path / "cache")
     assert not (tmp_path / "cache").exists(), "a failed export must not leave a cache behind"
 

@@ -12,10 +12,21 @@ from fastfit.engine import setup_run, train
 
 pytestmark = pytest.mark.interpreter
 
-CONFIG = ["data.workers=0", "run.progress=false", "run.tensorboard=false", "run.device=cpu", "run.log_interval=1",
-          "data.train_subset=128", "data.val_subset=64", "optim.batch_size=32", "optim.epochs=1",
-          "run.max_steps_per_epoch=3", "model.teacher=wide_cnn", "recipe.name=mmrazor",
-          'recipe.hints=[{student="stage2", teacher="stage2", connector="mmrazor", loss="normalized_l2", weight=10.0}]']
+CONFIG = [
+    "data.workers=0",
+    "run.progress=false",
+    "run.tensorboard=false",
+    "run.device=cpu",
+    "run.log_interval=1",
+    "data.train_subset=128",
+    "data.val_subset=64",
+    "optim.batch_size=32",
+    "optim.epochs=1",
+    "run.max_steps_per_epoch=3",
+    "model.teacher=wide_cnn",
+    "recipe.name=mmrazor",
+    'recipe.hints=[{student="stage2", teacher="stage2", connector="mmrazor", loss="normalized_l2", weight=10.0}]',
+]
 
 
 def test_one_step_gives_the_same_terms_and_gradients(tmp_path):

@@ -17,10 +17,10 @@ from fastfit.losses import HINT_KINDS, HintLoss
 # (N, Cs, Ct, H, W)
 SHAPES = {
     "resnet_like": (4, 64, 128, 7, 7),  # layer4's 7×7 maps, channels scaled down for the interpreter
-    "odd": (3, 3, 37, 3, 5),            # Cs 3 → Ct 37, H·W = 15: nothing is a multiple of a tile
-    "wide_odd": (2, 37, 20, 5, 5),      # Cs spans several K steps and Gram tiles, all ragged
-    "single": (1, 6, 19, 2, 3),         # N = 1
-    "one_pixel": (1, 4, 5, 1, 1),       # M = 1: no batch statistics, but eval BatchNorm and no BatchNorm work
+    "odd": (3, 3, 37, 3, 5),  # Cs 3 → Ct 37, H·W = 15: nothing is a multiple of a tile
+    "wide_odd": (2, 37, 20, 5, 5),  # Cs spans several K steps and Gram tiles, all ragged
+    "single": (1, 6, 19, 2, 3),  # N = 1
+    "one_pixel": (1, 4, 5, 1, 1),  # M = 1: no batch statistics, but eval BatchNorm and no BatchNorm work
 }
 # (loss and running stats, gradients): max |fused − reference| ≤ tol · max |reference|. 16-bit gradients carry the
 # rounding of D = dL/dP and of dS to the feature dtype (bf16: 8 significant bits).
@@ -62,8 +62,15 @@ def _inputs(shape, dtype, layout, bias, bn, affine, track):
         student = student.to(memory_format=torch.channels_last)
     if layout == "channels_last":
         teacher = teacher.to(memory_format=torch.channels_last)
-    p = {"weight": torch.randn(ct, cs, 1, 1) / cs**0.5, "bias": torch.randn(ct) * 0.3 if bias else None,
-         "bn_weight": None, "bn_bias": None, "running_mean": None, "running_var": None, "num_batches_tracked": None}
+    p = {
+        "weight": torch.randn(ct, cs, 1, 1) / cs**0.5,
+        "bias": torch.randn(ct) * 0.3 if bias else None,
+        "bn_weight": None,
+        "bn_bias": None,
+        "running_mean": None,
+        "running_var": None,
+        "num_batches_tracked": None,
+    }
     if bn and affine:
         p["bn_weight"], p["bn_bias"] = torch.rand(ct) + 0.5, torch.randn(ct) * 0.3
     if bn and track:
@@ -122,25 +129,54 @@ def _assert_close(name, got, ref, tol):
     over = err > limit
     if bad_values or bool(over.any()):
         idx = over.nonzero()[:3].tolist()
-        raise AssertionError(f"{name}: {int(over.sum())}/{err.numel()} elements off by more than {limit:.3g} "
-                             f"(max err {float(err.max()):.3g}, max |ref| {scale:.3g}, NaN/Inf {bad_values}), "
-                             f"first at {idx}")
+        raise AssertionError(
+            f"{name}: {int(over.sum())}/{err.numel()} elements off by more than {limit:.3g} "
+            f"(max err {float(err.max()):.3g}, max |ref| {scale:.3g}, NaN/Inf {bad_values}), "
+            f"first at {idx}"
+        )
 
 
-def _check_once(shape="odd", kind="normalized_l2", bn="train", relu=True, bias=True, affine=True, track=True,
-                layout="channels_last", dtype=torch.float32, grad_scale=1.0, momentum=0.1, eps=1e-5):
+def _check_once(
+    shape="odd",
+    kind="normalized_l2",
+    bn="train",
+    relu=True,
+    bias=True,
+    affine=True,
+    track=True,
+    layout="channels_last",
+    dtype=torch.float32,
+    grad_scale=1.0,
+    momentum=0.1,
+    eps=1e-5,
+):
     dims = SHAPES[shape] if isinstance(shape, str) else shape
     student, teacher, p = _inputs(dims, dtype, layout, bias, bn is not None, affine, track)
     ref_loss, ref_grads, ref_stats = _reference(student, teacher, p, kind, bn, relu, momentum, eps, grad_scale)
-    params = {k: (v.clone().requires_grad_() if k in ("weight", "bias", "bn_weight", "bn_bias") else v.clone())
-              for k, v in p.items() if v is not None}
+    params = {
+        k: (v.clone().requires_grad_() if k in ("weight", "bias", "bn_weight", "bn_bias") else v.clone())
+        for k, v in p.items()
+        if v is not None
+    }
     s = student.clone().requires_grad_()
     t = teacher.clone().requires_grad_()  # must get no gradient
-    loss = fused_hint_loss(s, t, params["weight"], params.get("bias"), kind=kind, batch_norm=bn is not None,
-                           bn_weight=params.get("bn_weight"), bn_bias=params.get("bn_bias"),
-                           running_mean=params.get("running_mean"), running_var=params.get("running_var"),
-                           num_batches_tracked=params.get("num_batches_tracked"), momentum=momentum, eps=eps,
-                           training=bn == "train", relu=relu)
+    loss = fused_hint_loss(
+        s,
+        t,
+        params["weight"],
+        params.get("bias"),
+        kind=kind,
+        batch_norm=bn is not None,
+        bn_weight=params.get("bn_weight"),
+        bn_bias=params.get("bn_bias"),
+        running_mean=params.get("running_mean"),
+        running_var=params.get("running_var"),
+        num_batches_tracked=params.get("num_batches_tracked"),
+        momentum=momentum,
+        eps=eps,
+        training=bn == "train",
+        relu=relu,
+    )
     assert loss.shape == () and loss.dtype == torch.float32
     (loss * grad_scale).backward()
     loss_tol, grad_tol = DTYPE_TOLS[dtype]
@@ -175,25 +211,29 @@ def test_matches_reference_per_kind_and_batchnorm_mode(kind, bn, relu):
     _check_once(kind=kind, bn=bn, relu=relu, grad_scale=2.5)
 
 
-@pytest.mark.parametrize("case", [
-    {"affine": False},
-    {"bias": False},
-    {"affine": False, "bias": False, "bn": "eval"},
-    {"track": False},                                 # batch statistics, nothing to update
-    {"track": False, "bn": "eval"},                   # eval without running stats still uses batch statistics
-    {"momentum": None},                               # cumulative moving average
-    {"layout": "contiguous"},
-    {"layout": "student_cl"},                         # mixed layouts
-    {"layout": "contiguous", "bn": "eval", "kind": "half_sq"},
-    {"shape": "single", "kind": "mse"},
-    {"shape": "single", "bn": "eval", "layout": "contiguous"},
-    {"shape": "one_pixel", "bn": "eval"},
-    {"shape": "one_pixel", "bn": None, "kind": "half_sq"},
-    {"shape": "wide_odd", "kind": "half_sq"},
-    {"shape": "wide_odd", "layout": "contiguous", "relu": False},
-    {"grad_scale": -3.0, "kind": "mse"},
-    {"eps": 1e-3, "bn": "eval"},
-], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"affine": False},
+        {"bias": False},
+        {"affine": False, "bias": False, "bn": "eval"},
+        {"track": False},  # batch statistics, nothing to update
+        {"track": False, "bn": "eval"},  # eval without running stats still uses batch statistics
+        {"momentum": None},  # cumulative moving average
+        {"layout": "contiguous"},
+        {"layout": "student_cl"},  # mixed layouts
+        {"layout": "contiguous", "bn": "eval", "kind": "half_sq"},
+        {"shape": "single", "kind": "mse"},
+        {"shape": "single", "bn": "eval", "layout": "contiguous"},
+        {"shape": "one_pixel", "bn": "eval"},
+        {"shape": "one_pixel", "bn": None, "kind": "half_sq"},
+        {"shape": "wide_odd", "kind": "half_sq"},
+        {"shape": "wide_odd", "layout": "contiguous", "relu": False},
+        {"grad_scale": -3.0, "kind": "mse"},
+        {"eps": 1e-3, "bn": "eval"},
+    ],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
+)
 def test_matches_reference_variants(case):
     _check_once(**case)
 
@@ -271,17 +311,18 @@ def _parity(connector, kind, train, shape):
     (l2 * 0.7).backward()
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-6)
-    for (name, p1), (_, p2) in zip(fused.named_parameters(), plain.named_parameters()):
+    for (name, p1), (_, p2) in zip(fused.named_parameters(), plain.named_parameters(), strict=True):
         atol = 1e-6 * float(p2.grad.abs().max()) + 1e-9
-        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
-    for (name, b1), (_, b2) in zip(fused.named_buffers(), plain.named_buffers()):
-        torch.testing.assert_close(b1, b2, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+    for (name, b1), (_, b2) in zip(fused.named_buffers(), plain.named_buffers(), strict=True):
+        torch.testing.assert_close(b1, b2, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_compiles_with_fullgraph():
     connector = MMRazorConnector(6, 20)
-    fused = torch.compile(HintLoss(copy.deepcopy(connector), "normalized_l2", fused=True), backend="aot_eager",
-                          fullgraph=True)
+    fused = torch.compile(
+        HintLoss(copy.deepcopy(connector), "normalized_l2", fused=True), backend="aot_eager", fullgraph=True
+    )
     plain = HintLoss(copy.deepcopy(connector), "normalized_l2", fused=False)
     for _ in range(2):  # the second step reads the running stats the first one wrote
         s = torch.randn(2, 6, 3, 3).to(memory_format=torch.channels_last)
@@ -302,23 +343,32 @@ def test_compiles_with_fullgraph():
 def test_supports_connector():
     assert supports_connector(MMRazorConnector(4, 8))
     assert supports_connector(PaperRegressor(4, 8, (1, 1)))
-    assert supports_connector(nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8, affine=False,
-                                                                             track_running_stats=False)))
+    assert supports_connector(
+        nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8, affine=False, track_running_stats=False))
+    )
     assert not supports_connector(PaperRegressor(4, 8, (3, 3)))
     assert not supports_connector(nn.Conv2d(4, 8, 1))
 
 
-@pytest.mark.parametrize("connector, message", [
-    (PaperRegressor(4, 8, (3, 3)),
-     "Conv2d to be 1×1 with stride 1, padding 0, dilation 1, groups 1, got kernel_size=(3, 3)"),
-    (nn.Sequential(nn.Conv2d(4, 8, 1, stride=2)), "got kernel_size=(1, 1), stride=(2, 2)"),
-    (nn.Sequential(nn.Conv2d(4, 8, 1), nn.Dropout()), "got [Conv2d, Dropout] (Dropout cannot be fused"),
-    (nn.Sequential(nn.Conv2d(4, 8, 1), nn.SyncBatchNorm(8)), "(SyncBatchNorm cannot be fused"),
-    (nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.BatchNorm2d(8)), "got [Conv2d, ReLU, BatchNorm2d]"),
-    (nn.Sequential(nn.BatchNorm2d(4)), "expected Sequential to start with an nn.Conv2d"),
-    (nn.Conv2d(4, 8, 1),
-     "expected a connector of the form nn.Sequential(Conv2d 1×1 [, BatchNorm2d] [, ReLU]), got Conv2d"),
-], ids=["3x3", "stride", "dropout", "syncbn", "order", "no-conv", "bare-conv"])
+@pytest.mark.parametrize(
+    "connector, message",
+    [
+        (
+            PaperRegressor(4, 8, (3, 3)),
+            "Conv2d to be 1×1 with stride 1, padding 0, dilation 1, groups 1, got kernel_size=(3, 3)",
+        ),
+        (nn.Sequential(nn.Conv2d(4, 8, 1, stride=2)), "got kernel_size=(1, 1), stride=(2, 2)"),
+        (nn.Sequential(nn.Conv2d(4, 8, 1), nn.Dropout()), "got [Conv2d, Dropout] (Dropout cannot be fused"),
+        (nn.Sequential(nn.Conv2d(4, 8, 1), nn.SyncBatchNorm(8)), "(SyncBatchNorm cannot be fused"),
+        (nn.Sequential(nn.Conv2d(4, 8, 1), nn.ReLU(), nn.BatchNorm2d(8)), "got [Conv2d, ReLU, BatchNorm2d]"),
+        (nn.Sequential(nn.BatchNorm2d(4)), "expected Sequential to start with an nn.Conv2d"),
+        (
+            nn.Conv2d(4, 8, 1),
+            "expected a connector of the form nn.Sequential(Conv2d 1×1 [, BatchNorm2d] [, ReLU]), got Conv2d",
+        ),
+    ],
+    ids=["3x3", "stride", "dropout", "syncbn", "order", "no-conv", "bare-conv"],
+)
 def test_unsupported_connector_names_the_problem(connector, message):
     with pytest.raises(ValueError) as info:
         fused_connector_hint_loss(connector, torch.randn(1, 4, 3, 3), torch.randn(1, 8, 3, 3), "mse")
@@ -332,26 +382,58 @@ def _call(student=None, teacher=None, weight=None, **kwargs):
     return fused_hint_loss(student, teacher, weight, kind=kwargs.pop("kind", "mse"), **kwargs)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: {"kind": "cosine"}, "expected hint loss kind in ('normalized_l2', 'half_sq', 'mse'), got 'cosine'"),
-    (lambda: {"student": torch.randn(2, 4, 9)},
-     "expected the student feature to be a 4-D (N, C, H, W) tensor, got (2, 4, 9)"),
-    (lambda: {"student": torch.randn(2, 4, 3, 3).double()},
-     "expected the student feature in float32, bfloat16 or float16, got torch.float64"),
-    (lambda: {"teacher": torch.randn(2, 8, 3, 4)}, "expected a teacher feature of shape (2, 8, 3, 3)"),
-    (lambda: {"weight": torch.randn(8, 5, 1, 1)}, "expected a regressor weight of shape (Ct, 4) or (Ct, 4, 1, 1)"),
-    (lambda: {"weight": torch.randn(8, 4, 3, 3)}, "got (8, 4, 3, 3)"),
-    (lambda: {"bias": torch.randn(7)}, "expected regressor bias of shape (8,)"),
-    (lambda: {"teacher": torch.randn(2, 8, 3, 3, device="meta")},
-     "expected the teacher feature on the student feature's device"),
-    (lambda: {"bn_weight": torch.ones(8)}, "expected no BatchNorm parameters or running stats with batch_norm=False"),
-    (lambda: {"batch_norm": True, "running_mean": torch.zeros(8)}, "expected running_mean and running_var together"),
-    (lambda: {"batch_norm": True, "student": torch.randn(1, 4, 1, 1), "teacher": torch.randn(1, 8, 1, 1)},
-     "expected more than one value per channel for BatchNorm batch statistics, got N·H·W = 1"),
-    (lambda: {"student": torch.randn(0, 4, 3, 3), "teacher": torch.randn(0, 8, 3, 3)},
-     "expected a non-empty student feature"),
-], ids=["kind", "rank", "dtype", "teacher-shape", "weight-cs", "weight-kernel", "bias", "device", "bn-without-flag",
-        "half-running", "bn-one-value", "empty"])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: {"kind": "cosine"}, "expected hint loss kind in ('normalized_l2', 'half_sq', 'mse'), got 'cosine'"),
+        (
+            lambda: {"student": torch.randn(2, 4, 9)},
+            "expected the student feature to be a 4-D (N, C, H, W) tensor, got (2, 4, 9)",
+        ),
+        (
+            lambda: {"student": torch.randn(2, 4, 3, 3).double()},
+            "expected the student feature in float32, bfloat16 or float16, got torch.float64",
+        ),
+        (lambda: {"teacher": torch.randn(2, 8, 3, 4)}, "expected a teacher feature of shape (2, 8, 3, 3)"),
+        (lambda: {"weight": torch.randn(8, 5, 1, 1)}, "expected a regressor weight of shape (Ct, 4) or (Ct, 4, 1, 1)"),
+        (lambda: {"weight": torch.randn(8, 4, 3, 3)}, "got (8, 4, 3, 3)"),
+        (lambda: {"bias": torch.randn(7)}, "expected regressor bias of shape (8,)"),
+        (
+            lambda: {"teacher": torch.randn(2, 8, 3, 3, device="meta")},
+            "expected the teacher feature on the student feature's device",
+        ),
+        (
+            lambda: {"bn_weight": torch.ones(8)},
+            "expected no BatchNorm parameters or running stats with batch_norm=False",
+        ),
+        (
+            lambda: {"batch_norm": True, "running_mean": torch.zeros(8)},
+            "expected running_mean and running_var together",
+        ),
+        (
+            lambda: {"batch_norm": True, "student": torch.randn(1, 4, 1, 1), "teacher": torch.randn(1, 8, 1, 1)},
+            "expected more than one value per channel for BatchNorm batch statistics, got N·H·W = 1",
+        ),
+        (
+            lambda: {"student": torch.randn(0, 4, 3, 3), "teacher": torch.randn(0, 8, 3, 3)},
+            "expected a non-empty student feature",
+        ),
+    ],
+    ids=[
+        "kind",
+        "rank",
+        "dtype",
+        "teacher-shape",
+        "weight-cs",
+        "weight-kernel",
+        "bias",
+        "device",
+        "bn-without-flag",
+        "half-running",
+        "bn-one-value",
+        "empty",
+    ],
+)
 def test_bad_inputs_name_the_problem(make, message):
     with pytest.raises(ValueError) as info:
         _call(**make())
@@ -364,8 +446,11 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(common, "INTERPRET", False)
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="expected the student feature on a CUDA device \\(or TRITON_INTERPRET=1"):
-        _call(torch.randn(2, 4, 3, 3, device=cpu), torch.randn(2, 8, 3, 3, device=cpu),
-              torch.randn(8, 4, 1, 1, device=cpu))
+        _call(
+            torch.randn(2, 4, 3, 3, device=cpu),
+            torch.randn(2, 8, 3, 3, device=cpu),
+            torch.randn(8, 4, 1, 1, device=cpu),
+        )
 
 
 def test_kinds_match_the_reference_losses():
@@ -399,7 +484,7 @@ def test_autocast_does_not_reach_the_op_internals():
             loss = fused_connector_hint_loss(c, x, t, "normalized_l2")
             loss.backward()
         results.append((loss, x.grad, c[0].weight.grad, c[1].running_var))
-    for plain, autocast in zip(*results):
+    for plain, autocast in zip(*results, strict=True):
         torch.testing.assert_close(autocast, plain, rtol=0, atol=0)
 
 

@@ -18,7 +18,7 @@ def test_providers_agree_and_inputs_rotate():
     assert case.target_us == {}  # no roofline for a CPU
     eager, fused = case.providers["eager"], case.providers["fused"]
     for i in (0, 1):
-        for got, want in zip(fused["fwd"](i), eager["fwd"](i)):
+        for got, want in zip(fused["fwd"](i), eager["fwd"](i), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fused["fwd_bwd"](i), eager["fwd_bwd"](i), rtol=1e-4, atol=1e-7)
     assert not torch.equal(eager["fwd"](0)[0], eager["fwd"](1)[0])  # call i and i+1 read different inputs

@@ -74,11 +74,23 @@ def _assert_close(name, got, want, rtol, atol):
         raise AssertionError(
             f"{name}: {int(bad.sum())}/{bad.numel()} mismatches, first at {where}: got "
             f"{got[bad][:5].tolist()} want {want[bad][:5].tolist()}; max |diff| {(got - want).abs().max().item():.3g}; "
-            f"NaN {int(got.isnan().sum())}, Inf {int(got.isinf().sum())}")
+            f"NaN {int(got.isnan().sum())}, Inf {int(got.isinf().sum())}"
+        )
 
 
-def _check_once(s, t, y, tau=3.0, reduction="batchmean", tau_squared=True, form="kl", eps=0.0, weights=(1.0, 1.0),
-                dtype=torch.float32, tols=None):
+def _check_once(
+    s,
+    t,
+    y,
+    tau=3.0,
+    reduction="batchmean",
+    tau_squared=True,
+    form="kl",
+    eps=0.0,
+    weights=(1.0, 1.0),
+    dtype=torch.float32,
+    tols=None,
+):
     """Forward value of kd and ce and the student gradient of w_kd·kd + w_ce·ce against _reference."""
     tols = tols or DTYPE_TOLS[dtype]
     s = s.to(dtype).requires_grad_()
@@ -218,7 +230,7 @@ def test_noncontiguous_rows():
     n, c = 9, 101
     base_s = torch.randn(n, c + 13, requires_grad=True)
     base_t = torch.randn(n, c + 5)
-    s, t = base_s[:, 3:c + 3], base_t[:, :c]  # row strides c+13 and c+5, unit class stride
+    s, t = base_s[:, 3 : c + 3], base_t[:, :c]  # row strides c+13 and c+5, unit class stride
     y = torch.randint(0, c, (n,))
     kd, ce = fused_kd_loss(s, t, y, 2.0, "batchmean", False, "ce", 0.0)
     (2.0 * kd + ce).backward()
@@ -226,8 +238,8 @@ def test_noncontiguous_rows():
     tols = DTYPE_TOLS[torch.float32]
     _assert_close("kd", kd, ref_kd, **tols["loss"])
     _assert_close("ce", ce, ref_ce, **tols["loss"])
-    _assert_close("grad", base_s.grad[:, 3:c + 3], ref_grad, **tols["grad"])
-    assert torch.count_nonzero(base_s.grad[:, :3]) == 0 and torch.count_nonzero(base_s.grad[:, c + 3:]) == 0
+    _assert_close("grad", base_s.grad[:, 3 : c + 3], ref_grad, **tols["grad"])
+    assert torch.count_nonzero(base_s.grad[:, :3]) == 0 and torch.count_nonzero(base_s.grad[:, c + 3 :]) == 0
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])  # inductor: what the trainer compiles with
@@ -248,10 +260,13 @@ def test_compile_fullgraph(backend):
     _assert_close("grad", s.grad, ref_grad, **tols["grad"])
 
 
-@pytest.mark.parametrize("config", [
-    {"temperature": 6.0, "reduction": "mean", "tau_squared": True, "form": "kl"},          # MMRazor's recipe
-    {"temperature": 3.0, "reduction": "batchmean", "tau_squared": False, "form": "ce"},    # the FitNets paper
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"temperature": 6.0, "reduction": "mean", "tau_squared": True, "form": "kl"},  # MMRazor's recipe
+        {"temperature": 3.0, "reduction": "batchmean", "tau_squared": False, "form": "ce"},  # the FitNets paper
+    ],
+)
 def test_parity_with_reference_module(config):
     s, t, y = _inputs(13, 1000, ignore_row=False)
     results = []
@@ -269,8 +284,16 @@ def test_parity_with_reference_module(config):
 
 def _bad_inputs():
     s, t, y = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))
-    ok = dict(student_logits=s, teacher_logits=t, labels=y, temperature=3.0, reduction="batchmean",
-              tau_squared=True, form="kl", label_smoothing=0.0)
+    ok = dict(
+        student_logits=s,
+        teacher_logits=t,
+        labels=y,
+        temperature=3.0,
+        reduction="batchmean",
+        tau_squared=True,
+        form="kl",
+        label_smoothing=0.0,
+    )
     return [
         ({"student_logits": s[0]}, "expected student_logits as a non-empty (N, C) tensor, got (10,)"),
         ({"teacher_logits": torch.randn(0, 10)}, "expected teacher_logits as a non-empty (N, C) tensor, got (0, 10)"),

@@ -105,11 +105,15 @@ def test_hint_all_zero_feature_is_finite():
 def test_bad_arguments_name_what_was_expected():
     with pytest.raises(ValueError, match=r"expected hint loss kind in .*got 'l1'"):
         hint_loss_reference(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), "l1")
-    with pytest.raises(ValueError, match=r"expected the regressor output and teacher feature to match, got \(1, 2\) and \(1, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"expected the regressor output and teacher feature to match, got \(1, 2\) and \(1, 3\)"
+    ):
         hint_loss_reference(torch.zeros(1, 2), torch.zeros(1, 3), "mse")
     with pytest.raises(ValueError, match=r"expected KD reduction in .*got 'avg'"):
         kd_loss_reference(torch.zeros(1, 2), torch.zeros(1, 2), 1.0, "avg")
-    with pytest.raises(ValueError, match=r"expected student and teacher logits of one \(N, C\) shape, got \(2, 3\) and \(2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"expected student and teacher logits of one \(N, C\) shape, got \(2, 3\) and \(2, 4\)"
+    ):
         kd_loss_reference(torch.zeros(2, 3), torch.zeros(2, 4), 1.0)
 
 

@@ -25,8 +25,9 @@ def test_extractor_matches_the_model_and_shares_its_parameters():
     out = build_extractor(model, ["layer2", "layer4.1"], logits=True)(x)
     torch.testing.assert_close(out[LOGITS], model(x))
     # The tapped layer2 output is what layer3 consumes: rerun the tail by hand.
-    torch.testing.assert_close(model.fc(torch.flatten(model.avgpool(model.layer4(model.layer3(out["layer2"]))), 1)),
-                               out[LOGITS])
+    torch.testing.assert_close(
+        model.fc(torch.flatten(model.avgpool(model.layer4(model.layer3(out["layer2"]))), 1)), out[LOGITS]
+    )
     extractor = build_extractor(model, ["layer3"], logits=False)
     assert extractor.get_submodule("layer3.0.conv1").weight is model.layer3[0].conv1.weight
 
@@ -52,16 +53,22 @@ def test_taps_keep_channels_last_and_survive_torch_compile():
 
 def test_wrong_tap_path_lists_valid_paths():
     model = build_model("resnet18", 10)
-    with pytest.raises(TapError, match=r"student tap 'layer5' is not a module of resnet18; valid paths include: .*layer4"):
+    with pytest.raises(
+        TapError, match=r"student tap 'layer5' is not a module of resnet18; valid paths include: .*layer4"
+    ):
         check_tap_paths(model, ["layer3", "layer5"], "student", "resnet18")
 
 
 def test_unknown_model_and_bad_weights_say_what_to_do(tmp_path):
-    with pytest.raises(ModelError, match=r"unknown model.student 'resnet19'; did you mean resnet18.*choose a torchvision classifier"):
+    with pytest.raises(
+        ModelError, match=r"unknown model.student 'resnet19'; did you mean resnet18.*choose a torchvision classifier"
+    ):
         build_model("resnet19", 10)
     with pytest.raises(ModelError, match=r"teacher weights file '.*missing.pt' does not exist"):
         build_model("resnet18", 10, str(tmp_path / "missing.pt"), role="teacher")
-    with pytest.raises(ModelError, match=r"neither a file nor a torchvision weights name for resnet18; valid names: IMAGENET1K_V1"):
+    with pytest.raises(
+        ModelError, match=r"neither a file nor a torchvision weights name for resnet18; valid names: IMAGENET1K_V1"
+    ):
         build_model("resnet18", 1000, "IMAGENET9K", role="teacher")
     with pytest.raises(ModelError, match=r"IMAGENET1K_V1 have 1000 classes but model.num_classes is 10"):
         build_model("resnet18", 10, "IMAGENET1K_V1")
@@ -72,9 +79,11 @@ def test_weights_load_from_a_plain_state_dict_and_mismatches_are_named(tmp_path)
     path = tmp_path / "w.pt"
     torch.save({"module." + k: v for k, v in source.state_dict().items()}, path)  # a DDP-style prefix is accepted
     loaded = build_model("fitnet_thin", 10, str(path))
-    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    with pytest.raises(ModelError, match=r"do not match the model: missing .*are model.student and model.num_classes right"):
+    with pytest.raises(
+        ModelError, match=r"do not match the model: missing .*are model.student and model.num_classes right"
+    ):
         build_model("wide_cnn", 10, str(path))
 
 
@@ -98,7 +107,9 @@ def test_mmrazor_connector_is_1x1_conv_bn_relu():
     assert isinstance(bn, torch.nn.BatchNorm2d) and isinstance(relu, torch.nn.ReLU)
 
 
-@pytest.mark.parametrize("student, teacher, kernel", [((16, 9, 9), (32, 5, 5), (5, 5)), ((16, 7, 8), (8, 7, 6), (1, 3))])
+@pytest.mark.parametrize(
+    "student, teacher, kernel", [((16, 9, 9), (32, 5, 5), (5, 5)), ((16, 7, 8), (8, 7, 6), (1, 3))]
+)
 def test_paper_regressor_kernel_makes_spatial_sizes_meet(student, teacher, kernel):
     c = build_connector("paper", student, teacher)
     assert isinstance(c, PaperRegressor) and c[0].kernel_size == kernel

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from tiny_runs import tiny_config, torchrun, write_config
 from torch import nn
 
 from fastfit import checkpoint as ckpt
 from fastfit.engine import train
 from fastfit.nonfinite import NonFiniteError, NonFiniteGuard, prime_momentum
-from tiny_runs import tiny_config, torchrun, write_config
 
 CONSTANT_LR = ["optim.warmup_epochs=0", "optim.milestones=[]", "optim.epochs=1"]
 
@@ -20,13 +20,23 @@ CONSTANT_LR = ["optim.warmup_epochs=0", "optim.milestones=[]", "optim.epochs=1"]
 def test_stop_names_the_bad_terms_and_saves_nothing_after_them(tmp_path, monkeypatch, amp):
     # Checks only at the step-3 checkpoint and the epoch end: the NaN batch of step 2 is found at step 3, before
     # that checkpoint is written.
-    cfg = tiny_config(tmp_path, "mmrazor", tmp_path / "run", f"run.amp={amp}", "run.log_interval=50",
-                      "run.nonfinite_check_every=50", "run.checkpoint_every_steps=3")
+    cfg = tiny_config(
+        tmp_path,
+        "mmrazor",
+        tmp_path / "run",
+        f"run.amp={amp}",
+        "run.log_interval=50",
+        "run.nonfinite_check_every=50",
+        "run.checkpoint_every_steps=3",
+    )
     monkeypatch.setenv("FASTFIT_INJECT", "nan@2")
-    with pytest.raises(NonFiniteError, match=r"non-finite loss in stage joint epoch 1, global steps 1–3: loss \(\d "
-                                             r"steps?\), hint/stage2 \(\d steps?\), kd \(\d steps?\), ce \(\d steps?\) "
-                                             r"became NaN/Inf; nothing was saved after it\. Resume from the last "
-                                             r"checkpoint .*or set run.nonfinite=skip"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"non-finite loss in stage joint epoch 1, global steps 1–3: loss \(\d "
+        r"steps?\), hint/stage2 \(\d steps?\), kd \(\d steps?\), ce \(\d steps?\) "
+        r"became NaN/Inf; nothing was saved after it\. Resume from the last "
+        r"checkpoint .*or set run.nonfinite=skip",
+    ):
         train(cfg, log=lambda _m: None)
     assert ckpt.list_checkpoints(tmp_path / "run" / "checkpoints") == []
 
@@ -34,16 +44,37 @@ def test_stop_names_the_bad_terms_and_saves_nothing_after_them(tmp_path, monkeyp
 @pytest.mark.parametrize("amp", ["off", "fp16"])
 def test_skip_makes_the_bad_step_change_nothing(tmp_path, monkeypatch, amp):
     """Three steps with step 3's batch NaN end in exactly the state of the first two steps alone."""
-    clean = tiny_config(tmp_path, "mmrazor", tmp_path / "two", *CONSTANT_LR, f"run.amp={amp}", "run.nonfinite=skip",
-                        "run.max_steps_per_epoch=2")
+    clean = tiny_config(
+        tmp_path,
+        "mmrazor",
+        tmp_path / "two",
+        *CONSTANT_LR,
+        f"run.amp={amp}",
+        "run.nonfinite=skip",
+        "run.max_steps_per_epoch=2",
+    )
     two = train(clean, log=lambda _m: None)
     monkeypatch.setenv("FASTFIT_INJECT", "nan@3")
     messages = []
-    three = train(tiny_config(tmp_path, "mmrazor", tmp_path / "three", *CONSTANT_LR, f"run.amp={amp}",
-                              "run.nonfinite=skip", "run.max_steps_per_epoch=3"), log=messages.append)
-    assert any(m.startswith("warning: skipped 1 step(s) with a non-finite loss or gradient in stage joint epoch 1, "
-                            "global step 3: loss (1 step), hint/stage2 (1 step), kd (1 step), ce (1 step)")
-               for m in messages), messages
+    three = train(
+        tiny_config(
+            tmp_path,
+            "mmrazor",
+            tmp_path / "three",
+            *CONSTANT_LR,
+            f"run.amp={amp}",
+            "run.nonfinite=skip",
+            "run.max_steps_per_epoch=3",
+        ),
+        log=messages.append,
+    )
+    assert any(
+        m.startswith(
+            "warning: skipped 1 step(s) with a non-finite loss or gradient in stage joint epoch 1, "
+            "global step 3: loss (1 step), hint/stage2 (1 step), kd (1 step), ce (1 step)"
+        )
+        for m in messages
+    ), messages
     a = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints"))
     b = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "three" / "checkpoints"))
     for key in ("student", "connectors"):  # weights and BatchNorm statistics
@@ -100,8 +131,9 @@ def test_primed_fused_sgd_survives_a_skipped_first_step():
     assert torch.equal(param.detach(), torch.ones(3))
     param.grad = grad.clone()
     optimizer.step()
-    assert torch.equal(param, fresh) and torch.equal(optimizer.state[param]["momentum_buffer"],
-                                                     reference.state[fresh]["momentum_buffer"])
+    assert torch.equal(param, fresh) and torch.equal(
+        optimizer.state[param]["momentum_buffer"], reference.state[fresh]["momentum_buffer"]
+    )
     # by hand: buf = g + wd·p = [0.51, -0.99, 2.01]; p = 1 - 0.1·buf
     torch.testing.assert_close(param.detach(), torch.tensor([0.949, 1.099, 0.799]), rtol=0, atol=1e-7)
 
@@ -116,8 +148,15 @@ def test_a_nan_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):
     """Two gloo workers; only rank 1's batch of step 2 is NaN. The ranks agree at the next check, both exit with
     code 2, and torchrun's summary shows the non-finite loss error."""
     config = write_config(tmp_path, "mmrazor")
-    result = torchrun(2, config, tmp_path / "run", "run.nonfinite_check_every=3", "run.log_interval=50",
-                      env={"FASTFIT_INJECT": "nan@2:rank1"}, timeout=180)
+    result = torchrun(
+        2,
+        config,
+        tmp_path / "run",
+        "run.nonfinite_check_every=3",
+        "run.log_interval=50",
+        env={"FASTFIT_INJECT": "nan@2:rank1"},
+        timeout=180,
+    )
     assert result.returncode != 0
     out = result.stdout
     line = "fastfit train: error: non-finite loss in stage joint epoch 1, global steps 1–3"

@@ -16,13 +16,32 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_wheel_layout_and_import_from_an_install(tmp_path):
     pytest.importorskip("scikit_build_core", reason="building the wheel needs scikit-build-core (the dev extra)")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=600,
+    )
     (wheel,) = tmp_path.glob("fastfit-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"fastfit/kernels/__init__.py", "fastfit/kernels/kd_loss.py", "fastfit/kernels/hint_loss.py",
-            "fastfit/_build_info.py", "fastfit/configs/fitnets_r50_r18_in1k.toml",
-            "fastfit/configs/demo_fmnist_fitnet.toml"} <= names
+    assert {
+        "fastfit/kernels/__init__.py",
+        "fastfit/kernels/kd_loss.py",
+        "fastfit/kernels/hint_loss.py",
+        "fastfit/_build_info.py",
+        "fastfit/configs/fitnets_r50_r18_in1k.toml",
+        "fastfit/configs/demo_fmnist_fitnet.toml",
+    } <= names
     assert not any(n.startswith("kernels/") for n in names), "the top-level name `kernels` belongs to another project"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "fastfit = fastfit.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -30,13 +49,22 @@ def test_wheel_layout_and_import_from_an_install(tmp_path):
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(site)
-    probe = ("import fastfit, fastfit.kernels, fastfit._build_info as b; from fastfit.config import shipped_configs_dir;"
-             "print(fastfit.__file__); print(fastfit.kernels.__file__); print(shipped_configs_dir()); print(b.VERSION)")
+    probe = (
+        "import fastfit, fastfit.kernels, fastfit._build_info as b; from fastfit.config import shipped_configs_dir;"
+        "print(fastfit.__file__); print(fastfit.kernels.__file__); print(shipped_configs_dir()); print(b.VERSION)"
+    )
     # -S: no site processing, so an editable install of this checkout (a .pth import hook) cannot shadow the wheel;
     # the environment's packages (torch, triton) stay importable through PYTHONPATH.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]])}
-    out = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", probe],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
     assert all(line.startswith(str(site)) for line in out[:3]), out
     assert out[3] == "0.1.0"
 
@@ -45,8 +73,18 @@ def test_source_checkout_without_install_imports_the_kernels(tmp_path):
     # -S: no site processing, so the editable install's import hook is absent, as on a machine that only has
     # the checkout on PYTHONPATH (e.g. a GPU machine without package access).
     probe = "import fastfit.kernels as k, fastfit.kernels.hint_loss as h; print(k.__file__); print(h.__file__)"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), sysconfig.get_paths()["purelib"]]),
-           "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=120, check=True).stdout.split()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), sysconfig.get_paths()["purelib"]]),
+        "TRITON_INTERPRET": "1",
+    }
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", probe],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
     assert out == [str(ROOT / "kernels" / "__init__.py"), str(ROOT / "kernels" / "hint_loss.py")]

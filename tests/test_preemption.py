@@ -5,13 +5,13 @@ import signal
 import time
 
 import pytest
+from tiny_runs import assert_same_training_state, records, tiny_config, torchrun, write_config
 
 from fastfit import checkpoint as ckpt
 from fastfit.cli import main
 from fastfit.config import ConfigError
 from fastfit.engine import train
 from fastfit.preemption import EXIT_PREEMPTED, StopSignals
-from tiny_runs import assert_same_training_state, records, tiny_config, torchrun, write_config
 
 # 2 epochs × 12 steps of a global batch of 8; logs every 5 steps, so most steps agree on stop requests through the
 # asynchronous poll rather than a blocking check.
@@ -26,10 +26,12 @@ def test_sigusr1_through_the_cli_exits_75_with_a_checkpoint(tmp_path, monkeypatc
     code = main(["train", "--config", str(config), f'run.output_dir="{tmp_path / "run"}"'])
     assert code == EXIT_PREEMPTED == 75
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("fastfit train: preempted: stopped by SIGUSR1 after global step 2 (stage 1, epoch 1, "
-                          "step 2); checkpoint "), err
-    assert err.endswith("run the same command with --resume auto to continue (torchrun --max-restarts does so "
-                        "automatically)"), err
+    assert err.startswith(
+        "fastfit train: preempted: stopped by SIGUSR1 after global step 2 (stage 1, epoch 1, step 2); checkpoint "
+    ), err
+    assert err.endswith(
+        "run the same command with --resume auto to continue (torchrun --max-restarts does so automatically)"
+    ), err
     assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").name == "checkpoint-0000000002.pt"
     assert signal.getsignal(signal.SIGUSR1) is before, "the run restores the handlers it replaced"
 
@@ -44,8 +46,11 @@ def test_a_repeated_signal_does_not_force_an_exit(tmp_path):
 
 
 def test_signal_names_are_checked(tmp_path):
-    with pytest.raises(ConfigError, match=r"run.preemption_signals: 'SIGKILL' is not a signal a process can catch; "
-                                          r"use names such as SIGTERM, SIGUSR1"):
+    with pytest.raises(
+        ConfigError,
+        match=r"run.preemption_signals: 'SIGKILL' is not a signal a process can catch; "
+        r"use names such as SIGTERM, SIGUSR1",
+    ):
         train(tiny_config(tmp_path, "mmrazor", tmp_path / "run", 'run.preemption_signals=["SIGTERM", "SIGKILL"]'))
     with pytest.raises(ConfigError, match=r"'SIGNOPE' is not a signal"):
         StopSignals(["SIGNOPE"])
@@ -92,13 +97,16 @@ def test_sigterm_to_torchrun_checkpoints_and_exits_75_then_resume_auto_finishes_
     assert_same_training_state(run, baseline)
 
 
-@pytest.mark.parametrize("fault, extra", [
-    # SIGTERM to rank 1 only, during step 8: the ranks learn of it through the asynchronous poll one step later,
-    # both stop after step 9, rank 0 writes checkpoint 9, both exit 75 and torchrun restarts them.
-    ("sigterm@8:rank1", []),
-    # rank 0 killed right after step 10's update: the restart goes back to the periodic checkpoint of step 9.
-    ("sigkill@10:rank0", ["run.checkpoint_every_steps=3"]),
-])
+@pytest.mark.parametrize(
+    "fault, extra",
+    [
+        # SIGTERM to rank 1 only, during step 8: the ranks learn of it through the asynchronous poll one step later,
+        # both stop after step 9, rank 0 writes checkpoint 9, both exit 75 and torchrun restarts them.
+        ("sigterm@8:rank1", []),
+        # rank 0 killed right after step 10's update: the restart goes back to the periodic checkpoint of step 9.
+        ("sigkill@10:rank0", ["run.checkpoint_every_steps=3"]),
+    ],
+)
 def test_torchrun_restarts_resume_from_the_newest_checkpoint_by_themselves(baseline, tmp_path, fault, extra):
     config = write_config(tmp_path, "mmrazor")
     run = tmp_path / "run"

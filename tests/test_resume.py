@@ -5,11 +5,11 @@ at an epoch's last step, and across the paper recipe's stage-1 → stage-2 bound
 import shutil
 
 import pytest
+from tiny_runs import assert_same_training_state, records, tiny_config
 
 from fastfit import checkpoint as ckpt
 from fastfit.engine import train
 from fastfit.preemption import Preempted
-from tiny_runs import assert_same_training_state, records, tiny_config
 
 STEPS = 4  # per epoch (run.max_steps_per_epoch in tiny_runs)
 
@@ -29,12 +29,15 @@ def straight(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("recipe, stop_at", [
-    ("mmrazor", 3),        # mid-epoch, inside the LR warm-up
-    ("mmrazor", 4),        # an epoch's last step: the resumed epoch has no steps left, only its evaluation
-    ("fitnets-paper", 2),  # mid stage 1: the resumed run crosses into stage 2
-    ("fitnets-paper", 7),  # mid stage 2: λ annealing and the LR schedule continue mid-epoch
-])
+@pytest.mark.parametrize(
+    "recipe, stop_at",
+    [
+        ("mmrazor", 3),  # mid-epoch, inside the LR warm-up
+        ("mmrazor", 4),  # an epoch's last step: the resumed epoch has no steps left, only its evaluation
+        ("fitnets-paper", 2),  # mid stage 1: the resumed run crosses into stage 2
+        ("fitnets-paper", 7),  # mid stage 2: λ annealing and the LR schedule continue mid-epoch
+    ],
+)
 def test_preempted_run_resumes_to_the_uninterrupted_run(straight, tmp_path, monkeypatch, recipe, stop_at):
     cfg = tiny_config(tmp_path, recipe, tmp_path / "run")
     monkeypatch.setenv("FASTFIT_INJECT", f"sigterm@{stop_at}")

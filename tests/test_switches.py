@@ -9,10 +9,21 @@ from fastfit.config import ConfigError, load_config
 from fastfit.engine import train
 from fastfit.runtime import compile_mode
 
-BASE = ["data.workers=0", "run.progress=false", "run.tensorboard=false", "run.device=cpu", "run.log_interval=1",
-        "data.train_subset=128", "data.val_subset=32", "optim.batch_size=32", "optim.epochs=1",
-        "run.max_steps_per_epoch=3", "model.teacher=wide_cnn", "recipe.name=mmrazor",
-        'recipe.hints=[{student="stage2", teacher="stage2"}]']
+BASE = [
+    "data.workers=0",
+    "run.progress=false",
+    "run.tensorboard=false",
+    "run.device=cpu",
+    "run.log_interval=1",
+    "data.train_subset=128",
+    "data.val_subset=32",
+    "optim.batch_size=32",
+    "optim.epochs=1",
+    "run.max_steps_per_epoch=3",
+    "model.teacher=wide_cnn",
+    "recipe.name=mmrazor",
+    'recipe.hints=[{student="stage2", teacher="stage2"}]',
+]
 PLAIN = ["run.amp=off", "run.channels_last=false", "run.compile=false", "run.fused_kernels=false", "optim.fused=false"]
 # Each switch: its overrides and the relative tolerance on each step's losses (other kernels round differently,
 # and the differences grow a little with every SGD step).
@@ -22,8 +33,12 @@ SWITCHES = [
     pytest.param(["run.fused_kernels=true"], 1e-4, id="fused_kernels", marks=pytest.mark.interpreter),
     pytest.param(["run.amp=bf16"], 3e-2, id="bf16_autocast"),
     pytest.param(["run.compile=true"], 1e-3, id="compile"),
-    pytest.param(["run.channels_last=true", "optim.fused=true", "run.fused_kernels=true", "run.amp=bf16",
-                  "run.compile=true"], 3e-2, id="all", marks=pytest.mark.interpreter),
+    pytest.param(
+        ["run.channels_last=true", "optim.fused=true", "run.fused_kernels=true", "run.amp=bf16", "run.compile=true"],
+        3e-2,
+        id="all",
+        marks=pytest.mark.interpreter,
+    ),
 ]
 
 
@@ -44,7 +59,7 @@ def plain(tmp_path_factory):
 def test_switch_trains_like_the_plain_path(overrides, tolerance, plain, tmp_path):
     got = _losses(tmp_path, "switched", overrides)
     assert len(got) == len(plain) == 3
-    for step, (a, b) in enumerate(zip(got, plain)):
+    for step, (a, b) in enumerate(zip(got, plain, strict=True)):
         for term in b:
             assert a[term] == pytest.approx(b[term], rel=tolerance, abs=1e-6), f"step {step + 1} {term}"
 
@@ -52,13 +67,15 @@ def test_switch_trains_like_the_plain_path(overrides, tolerance, plain, tmp_path
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs are captured on a GPU only")
 def test_cuda_graphs_train_like_the_plain_path(plain, tmp_path):
     got = _losses(tmp_path, "graphs", ["run.device=cuda", "run.compile=true", "run.cuda_graphs=true"])
-    for a, b in zip(got, plain):
+    for a, b in zip(got, plain, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
 
 
 def test_cuda_graphs_need_compile_and_pick_the_graphing_mode(tmp_path):
     with pytest.raises(ConfigError, match=r"run.cuda_graphs = true needs run.compile = true"):
-        train(load_config("demo_fmnist_student", [*BASE, *PLAIN, "run.cuda_graphs=true", f'run.output_dir="{tmp_path}"']))
+        train(
+            load_config("demo_fmnist_student", [*BASE, *PLAIN, "run.cuda_graphs=true", f'run.output_dir="{tmp_path}"'])
+        )
     assert compile_mode("default", True) == "reduce-overhead"
     assert compile_mode("max-autotune", False) == "max-autotune-no-cudagraphs"
     assert compile_mode("max-autotune-no-cudagraphs", True) == "max-autotune"

@@ -17,8 +17,9 @@ def _files(root):
 
 def test_layout_counts_shapes_and_realistic_sizes(tmp_path):
     summary = write_synthetic_imagenet(tmp_path, n_train=10, n_classes=3, n_val=4, seed=1, workers=1)
-    counts = {split: [len(list((tmp_path / split / class_name(c)).iterdir())) for c in range(3)]
-              for split in ("train", "val")}
+    counts = {
+        split: [len(list((tmp_path / split / class_name(c)).iterdir())) for c in range(3)] for split in ("train", "val")
+    }
     assert counts == {"train": [4, 3, 3], "val": [2, 1, 1]}
     assert class_name(2) == "n00000002"
     sizes = []
@@ -60,8 +61,9 @@ def _parser():
 
 
 def test_cli_synth(tmp_path, capsys):
-    args = _parser().parse_args(["data", "synth", str(tmp_path), "--n", "3", "--classes", "3", "--val", "0",
-                                 "--seed", "2", "--workers", "1"])
+    args = _parser().parse_args(
+        ["data", "synth", str(tmp_path), "--n", "3", "--classes", "3", "--val", "0", "--seed", "2", "--workers", "1"]
+    )
     assert args.func(args) == 0
     assert "wrote 3 train and 0 val JPEGs in 3 classes" in capsys.readouterr().out
     assert len(_files(tmp_path)) == 3

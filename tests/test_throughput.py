@@ -8,16 +8,44 @@ from fastfit.cli import main
 from fastfit.config import load_config
 from fastfit.throughput import SECTIONS, profile_throughput
 
-TINY = ["data.workers=0", "run.progress=false", "run.tensorboard=false", "run.device=cpu", "data.train_subset=256",
-        "data.val_subset=64", "optim.batch_size=32", "model.teacher=wide_cnn", "recipe.name=mmrazor",
-        'recipe.hints=[{student="stage2", teacher="stage2"}]']
+TINY = [
+    "data.workers=0",
+    "run.progress=false",
+    "run.tensorboard=false",
+    "run.device=cpu",
+    "data.train_subset=256",
+    "data.val_subset=64",
+    "optim.batch_size=32",
+    "model.teacher=wide_cnn",
+    "recipe.name=mmrazor",
+    'recipe.hints=[{student="stage2", teacher="stage2"}]',
+]
 
 
 @pytest.mark.slow
 def test_profile_reports_every_section_with_ratios_and_phases(tmp_path, capsys):
     out = tmp_path / "profile.json"
-    assert main(["profile", "--config", "demo_fmnist_student", *TINY, f'run.output_dir="{tmp_path}"', "--steps", "3",
-                 "--warmup", "1", "--ablate", "--trace-steps", "2", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--config",
+                "demo_fmnist_student",
+                *TINY,
+                f'run.output_dir="{tmp_path}"',
+                "--steps",
+                "3",
+                "--warmup",
+                "1",
+                "--ablate",
+                "--trace-steps",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     for section in SECTIONS:
         assert section in printed, section
@@ -26,11 +54,12 @@ def test_profile_reports_every_section_with_ratios_and_phases(tmp_path, capsys):
     assert {"gpu", "end_to_end_img_s", "compute_only_img_s", "naive_img_s", "environment"} <= set(report)
     sections = report["sections"]
     assert set(sections) == set(SECTIONS)
-    for name, value in sections.items():
+    for value in sections.values():
         assert value["img_s"] > 0 and value["x_naive"] == pytest.approx(value["img_s"] / report["naive_img_s"])
     assert 0.0 <= sections["end_to_end"]["loader_wait_fraction"] <= 1.0
     assert {"teacher_forward", "student_forward_losses", "backward", "optimizer"} == set(
-        sections["compute_only"]["phases_ms"])
+        sections["compute_only"]["phases_ms"]
+    )
     # On a CPU the speed switches are off already: the ablation says so rather than timing identical runs.
     notes = {row["without"]: row.get("note") for row in report["ablation"]}
     assert notes["bf16 autocast"] == "already off in this config on this device"

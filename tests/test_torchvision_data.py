@@ -5,14 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from constant_images import MEAN, STD, constant_split, identities
 from PIL import Image
 
 from fastfit.config import DataConfig
 from fastfit.data import DataError
 from fastfit.data.torchvision import ShardedSampler, balanced_subset, build_torchvision_loaders
 from fastfit.dist import DistEnv
-
-from constant_images import MEAN, STD, constant_split, identities
 
 
 def _env(rank: int = 0, world: int = 1) -> DistEnv:
@@ -26,8 +25,8 @@ def _cfg(root: Path, **overrides) -> DataConfig:
 
 @pytest.fixture
 def constant_root(tmp_path):
-    constant_split(tmp_path, "train", {"a": 5, "b": 6, "c": 6})   # 17 training images
-    constant_split(tmp_path, "val", {"a": 3, "b": 2, "c": 2})     # 7 val images
+    constant_split(tmp_path, "train", {"a": 5, "b": 6, "c": 6})  # 17 training images
+    constant_split(tmp_path, "val", {"a": 3, "b": 2, "c": 2})  # 7 val images
     return tmp_path
 
 
@@ -50,11 +49,12 @@ def test_sharded_sampler_two_ranks_split_the_one_rank_global_batches():
             sampler.set_epoch(epoch)
         full = [i for _, i in one]
         mine = [[i for _, i in s] for s in ranks]
-        assert len(full) == 18 and len(mine[0]) == len(mine[1]) == 9   # 23 // 6 * 6: the tail is dropped
+        assert len(full) == 18 and len(mine[0]) == len(mine[1]) == 9  # 23 // 6 * 6: the tail is dropped
         assert set(mine[0]).isdisjoint(mine[1])
         for step in range(3):
-            assert (set(mine[0][step * batch : (step + 1) * batch]) | set(mine[1][step * batch : (step + 1) * batch])
-                    == set(full[step * 2 * batch : (step + 1) * 2 * batch]))
+            assert set(mine[0][step * batch : (step + 1) * batch]) | set(
+                mine[1][step * batch : (step + 1) * batch]
+            ) == set(full[step * 2 * batch : (step + 1) * 2 * batch])
         ranks[0].set_epoch(epoch, start_step=2)
         assert [i for _, i in ranks[0]] == mine[0][2 * batch :]
     one.set_epoch(0)
@@ -85,11 +85,12 @@ def test_augmentation_is_a_function_of_the_sample_not_of_workers_or_ranks(tmp_pa
     root = _gradient_root(tmp_path)
     batches = {}
     for workers in (0, 2):
-        train, _, _ = build_torchvision_loaders(_cfg(root, workers=workers), _env(), root, 4, seed=7,
-                                                channels_last=False)
+        train, _, _ = build_torchvision_loaders(
+            _cfg(root, workers=workers), _env(), root, 4, seed=7, channels_last=False
+        )
         batches[workers] = list(train.epoch(2))
     assert len(batches[0]) == 2
-    for (a, la), (b, lb) in zip(batches[0], batches[2]):
+    for (a, la), (b, lb) in zip(batches[0], batches[2], strict=True):
         assert torch.equal(a, b) and torch.equal(la, lb)
     # Rank r's batch k row i is row 2i + r of the 1-rank global batch k (round-robin dealing).
     one, _, _ = build_torchvision_loaders(_cfg(root), _env(), root, 4, seed=7, channels_last=False)
@@ -106,7 +107,7 @@ def test_resume_mid_epoch_gives_exactly_the_rest_of_the_epoch(constant_root):
     full = list(train.epoch(3))
     resumed = list(train.epoch(3, start_step=2))
     assert len(full) == train.steps_per_epoch == 4 and len(resumed) == 2
-    for (a, la), (b, lb) in zip(full[2:], resumed):
+    for (a, la), (b, lb) in zip(full[2:], resumed, strict=True):
         assert torch.equal(a, b) and torch.equal(la, lb)
     assert full[0][0].is_contiguous(memory_format=torch.channels_last)
 
@@ -121,8 +122,11 @@ def test_bad_start_step_and_too_small_a_train_set_are_named(constant_root):
 
 def test_a_class_folder_without_images_is_named(constant_root):
     (constant_root / "val" / "d").mkdir()
-    with pytest.raises(DataError, match=f"dataset folder {constant_root / 'val'}: class folders without images: d; "
-                                        "every class folder needs at least one image"):
+    with pytest.raises(
+        DataError,
+        match=f"dataset folder {constant_root / 'val'}: class folders without images: d; "
+        "every class folder needs at least one image",
+    ):
         build_torchvision_loaders(_cfg(constant_root), _env(), constant_root, 4, seed=1, channels_last=False)
     for name in "efghijk":  # many empty folders: a few names and the count, not a wall of text
         (constant_root / "val" / name).mkdir()
@@ -131,21 +135,23 @@ def test_a_class_folder_without_images_is_named(constant_root):
 
 
 def test_bad_file_is_named_or_skipped_and_counted(constant_root):
-    bad_train = constant_root / "train" / "b" / "002_bad.png"   # sorts between b/002.png and b/003.png
+    bad_train = constant_root / "train" / "b" / "002_bad.png"  # sorts between b/002.png and b/003.png
     bad_train.write_bytes(b"this is not a png\n" * 20)
     bad_val = constant_root / "val" / "a" / "000_bad.png"
     bad_val.write_bytes(b"")
 
-    train, val, _ = build_torchvision_loaders(_cfg(constant_root), _env(), constant_root, 2, seed=0,
-                                              channels_last=False)
+    train, val, _ = build_torchvision_loaders(
+        _cfg(constant_root), _env(), constant_root, 2, seed=0, channels_last=False
+    )
     with pytest.raises(DataError, match=f"cannot decode image {bad_train}: .*set data.skip_bad=true"):
         for _ in train.epoch(0):
             pass
     with pytest.raises(DataError, match=f"cannot decode image {bad_val}"):
         list(val)
 
-    train, val, _ = build_torchvision_loaders(_cfg(constant_root, skip_bad=True), _env(), constant_root, 2, seed=0,
-                                              channels_last=False)
+    train, val, _ = build_torchvision_loaders(
+        _cfg(constant_root, skip_bad=True), _env(), constant_root, 2, seed=0, channels_last=False
+    )
     # Train: the bad file's slot is filled by the next sample in dataset order (b/003.png, identity 8).
     listing = sorted(str(p) for p in (constant_root / "train").rglob("*.png"))
     position = listing.index(str(bad_train))
@@ -155,7 +161,7 @@ def test_bad_file_is_named_or_skipped_and_counted(constant_root):
     identity_of_position = [i - (i > position) for i in range(len(listing))]  # the bad file has no colour
     seen = [k for images, _ in train.epoch(0) for k in identities(images)]
     assert seen == [identity_of_position[i] for i in expected]
-    assert train.bad_files == [str(bad_train)]   # 18 files, batch 2: every position is in the epoch
+    assert train.bad_files == [str(bad_train)]  # 18 files, batch 2: every position is in the epoch
     # Val: dropped, every other sample exactly once, num_samples says so.
     seen = sorted(k for images, _ in val for k in identities(images))
     assert seen == list(range(7)) and val.num_samples == 7 and val.bad_files == [str(bad_val)]

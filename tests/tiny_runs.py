@@ -115,17 +115,51 @@ def assert_same_training_state(a: Path, b: Path) -> None:
             assert torch.equal(value, last_b["optimizer"]["state"][param_id][name]), f"optimizer {name} of {param_id}"
 
 
-def torchrun(nproc: int, config: Path, out: Path, *extra: str, env: dict | None = None, restarts: int = 0,
-             timeout: float = 240, popen: bool = False):
+def torchrun(
+    nproc: int,
+    config: Path,
+    out: Path,
+    *extra: str,
+    env: dict | None = None,
+    restarts: int = 0,
+    timeout: float = 240,
+    popen: bool = False,
+):
     """scripts/train.py under torchrun with `nproc` gloo workers (single-threaded, so two fit on two cores)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               f"--max-restarts={restarts}", "--monitor-interval=0.1", "scripts/train.py", "--config", str(config),
-               f'run.output_dir="{out}"', *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        f"--max-restarts={restarts}",
+        "--monitor-interval=0.1",
+        "scripts/train.py",
+        "--config",
+        str(config),
+        f'run.output_dir="{out}"',
+        *extra,
+    ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if "FASTFIT_INJECT" not in (env or {}):
         full_env.pop("FASTFIT_INJECT", None)  # only the faults a test asks for
     if popen:
-        return subprocess.Popen(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-    return subprocess.run(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout, check=False)  # callers assert on the code and show the output
+        return subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    return subprocess.run(
+        command,
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )  # callers assert on the code and show the output

@@ -56,8 +56,10 @@ def dataset_root(cfg: DataConfig) -> Path:
 
         return ensure_fashion_mnist_jpegs(Path(cfg.root) if cfg.root else None)
     if not cfg.root:
-        raise DataError("data.root is empty; set it to the folder holding train/ and val/ class folders "
-                        "(ImageNet layout), e.g. data.root=/data/imagenet")
+        raise DataError(
+            "data.root is empty; set it to the folder holding train/ and val/ class folders "
+            "(ImageNet layout), e.g. data.root=/data/imagenet"
+        )
     return Path(cfg.root).expanduser()
 
 
@@ -78,15 +80,25 @@ def build_loaders(cfg: DataConfig, env: DistEnv, batch_size: int, seed: int, cha
     if backend == "dali":
         from fastfit.data.dali import build_dali_loaders
 
-        train, val, classes = build_dali_loaders(cfg, env, root, batch_size=batch_size, seed=seed,
-                                                   channels_last=channels_last, train_list=cfg.train_list or None,
-                                                   val_list=cfg.val_list or None)
+        train, val, classes = build_dali_loaders(
+            cfg,
+            env,
+            root,
+            batch_size=batch_size,
+            seed=seed,
+            channels_last=channels_last,
+            train_list=cfg.train_list or None,
+            val_list=cfg.val_list or None,
+        )
     else:
         if cfg.train_list or cfg.val_list:
-            raise DataError("data.train_list / data.val_list are read by the DALI backend only; set data.backend=dali "
-                            "(pip install 'fastfit[dali]') or use the folder layout (train/<class>/…)")
+            raise DataError(
+                "data.train_list / data.val_list are read by the DALI backend only; set data.backend=dali "
+                "(pip install 'fastfit[dali]') or use the folder layout (train/<class>/…)"
+            )
         from fastfit.data.torchvision import build_torchvision_loaders
 
-        train, val, classes = build_torchvision_loaders(cfg, env, root, batch_size=batch_size, seed=seed,
-                                                          channels_last=channels_last)
+        train, val, classes = build_torchvision_loaders(
+            cfg, env, root, batch_size=batch_size, seed=seed, channels_last=channels_last
+        )
     return DataBundle(train=train, val=val, classes=classes, backend=backend, root=root)

@@ -28,11 +28,17 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 _PROCESS_THRESHOLD = 20_000  # files; below this, starting processes costs more than the GIL does
-_CHUNK = 64                  # files per pool task
+_CHUNK = 64  # files per pool task
 _TAIL_BYTES = 1024  # an end marker within this much of the end allows for padding after it (some encoders add it)
 _SIGNATURES = [  # (magic at offset 0, format); DALI and PIL decode all of these except GIF (DALI cannot)
-    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"\x00\x00\x00\x0cjP  ", "JPEG2000"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG2000"),
     (b"\xff\x4f\xff\x51", "JPEG2000"),
 ] + [(f"P{i}".encode(), "PNM") for i in range(1, 7)]
 
@@ -54,14 +60,20 @@ class CheckReport:
     root: str
     decode: bool
     checked: int = 0
-    ignored: int = 0          # files without an image extension (ImageFolder does not list them)
+    ignored: int = 0  # files without an image extension (ImageFolder does not list them)
     bad: list[BadFile] = field(default_factory=list)
-    classes: dict[str, dict[str, ClassCount]] = field(default_factory=dict)   # split ("" = none) → class → counts
+    classes: dict[str, dict[str, ClassCount]] = field(default_factory=dict)  # split ("" = none) → class → counts
 
     def to_dict(self) -> dict:
-        return {"root": self.root, "decode": self.decode, "checked": self.checked, "ignored": self.ignored,
-                "bad_count": len(self.bad), "bad": [vars(b) for b in self.bad],
-                "classes": {split: {name: vars(c) for name, c in per.items()} for split, per in self.classes.items()}}
+        return {
+            "root": self.root,
+            "decode": self.decode,
+            "checked": self.checked,
+            "ignored": self.ignored,
+            "bad_count": len(self.bad),
+            "bad": [vars(b) for b in self.bad],
+            "classes": {split: {name: vars(c) for name, c in per.items()} for split, per in self.classes.items()},
+        }
 
 
 def _sniff(head: bytes) -> str | None:
@@ -121,8 +133,9 @@ def dataset_layout(root: Path) -> dict[str, Path]:
         raise DataError(f"dataset folder {root} does not exist; give a folder with class folders or train/ and val/")
     subdirs = _class_dirs(root)
     if not subdirs:
-        raise DataError(f"dataset folder {root} has no subfolders; expected <class>/<images> or "
-                        "<split>/<class>/<images>")
+        raise DataError(
+            f"dataset folder {root} has no subfolders; expected <class>/<images> or <split>/<class>/<images>"
+        )
     # A split folder holds class folders; a class folder holds images. Decide on all subfolders together.
     if all(any(child.is_dir() for child in d.iterdir()) for d in subdirs):
         return {d.name: d for d in subdirs}
@@ -150,7 +163,7 @@ def check_dataset(root: str | os.PathLike, decode: bool = False, workers: int | 
                 else:
                     report.ignored += 1
     paths = [path for _, _, path in jobs]
-    for (split, name, path), reason in zip(jobs, check_files(paths, decode, workers)):
+    for (split, name, path), reason in zip(jobs, check_files(paths, decode, workers), strict=True):
         count = report.classes[split][name]
         count.files += 1
         if reason is not None:
@@ -181,8 +194,10 @@ def check_files(paths: list, decode: bool = False, workers: int | None = None) -
 
 def format_report(report: CheckReport, limit: int = 50) -> str:
     """A human summary: totals, bad files (first `limit`) and the classes that hold them."""
-    lines = [f"{report.root}: {report.checked} images checked ({'full decode' if report.decode else 'headers'}), "
-             f"{len(report.bad)} bad, {report.ignored} non-image files ignored"]
+    lines = [
+        f"{report.root}: {report.checked} images checked ({'full decode' if report.decode else 'headers'}), "
+        f"{len(report.bad)} bad, {report.ignored} non-image files ignored"
+    ]
     for bad in report.bad[:limit]:
         lines.append(f"  {bad.path}: {bad.reason}")
     if len(report.bad) > limit:
@@ -191,6 +206,8 @@ def format_report(report: CheckReport, limit: int = 50) -> str:
         hit = {name: c for name, c in per.items() if c.bad}
         if hit:
             label = f"{split}/" if split else ""
-            lines.append(f"  bad files per class in {label or 'the dataset'}: "
-                         + ", ".join(f"{label}{name} {c.bad}/{c.files}" for name, c in hit.items()))
+            lines.append(
+                f"  bad files per class in {label or 'the dataset'}: "
+                + ", ".join(f"{label}{name} {c.bad}/{c.files}" for name, c in hit.items())
+            )
     return "\n".join(lines)

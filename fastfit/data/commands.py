@@ -75,11 +75,14 @@ def run_synth(args: argparse.Namespace) -> int:
     from fastfit.data.synth import write_synthetic_imagenet
 
     try:
-        summary = write_synthetic_imagenet(args.dir, n_train=args.n, n_classes=args.classes, n_val=args.val,
-                                           seed=args.seed, workers=args.workers)
+        summary = write_synthetic_imagenet(
+            args.dir, n_train=args.n, n_classes=args.classes, n_val=args.val, seed=args.seed, workers=args.workers
+        )
     except DataError as err:
         print(f"fastfit data synth: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"wrote {summary.train_files} train and {summary.val_files} val JPEGs in {args.classes} classes to "
-          f"{summary.root} ({summary.total_bytes / 1e6:.1f} MB, {summary.mean_kb:.0f} KB each on average)")
+    print(
+        f"wrote {summary.train_files} train and {summary.val_files} val JPEGs in {args.classes} classes to "
+        f"{summary.root} ({summary.total_bytes / 1e6:.1f} MB, {summary.mean_kb:.0f} KB each on average)"
+    )
     return EXIT_OK

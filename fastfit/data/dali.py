@@ -39,8 +39,15 @@ import numpy as np
 import torch
 
 from fastfit.config import DataConfig
-from fastfit.data.torchvision import (BadFileLog, ShardedSampler, bad_file_message, balanced_subset, check_start_step,
-                                      image_folder, load_image_folders)
+from fastfit.data.torchvision import (
+    BadFileLog,
+    ShardedSampler,
+    bad_file_message,
+    balanced_subset,
+    check_start_step,
+    image_folder,
+    load_image_folders,
+)
 from fastfit.dist import DistEnv
 
 _DECODE_CHECK_WORKERS = 16
@@ -58,8 +65,10 @@ def require_dali():
         import nvidia.dali
         import nvidia.dali.plugin.pytorch  # noqa: F401  (feed_ndarray)
     except ImportError as err:
-        raise _data_error("data.backend=dali needs NVIDIA DALI, which is not installed: pip install fastfit[dali] "
-                          "(nvidia-dali-cuda130), or set data.backend=torchvision") from err
+        raise _data_error(
+            "data.backend=dali needs NVIDIA DALI, which is not installed: pip install fastfit[dali] "
+            "(nvidia-dali-cuda130), or set data.backend=torchvision"
+        ) from err
     return nvidia.dali
 
 
@@ -102,15 +111,18 @@ def _check_paths(samples: list[tuple[str, int]]) -> None:
     # DALI's list format is one "path label" per line and strips trailing blanks: such names cannot pass through.
     for p, _ in samples:
         if "\n" in p or p != p.rstrip():
-            raise _data_error(f"file name {p!r} has a newline or trailing whitespace, which DALI's file list cannot "
-                              "hold; rename the file")
+            raise _data_error(
+                f"file name {p!r} has a newline or trailing whitespace, which DALI's file list cannot "
+                "hold; rename the file"
+            )
 
 
 class _DaliLoader(BadFileLog):
     """What train and val share: pipeline set-up, DALI → torch copies, finding and recording bad files."""
 
-    def __init__(self, samples: list[tuple[str, int]], spec, env: DistEnv, batch_size: int, skip_bad: bool,
-                 known_bad: set[str]):
+    def __init__(
+        self, samples: list[tuple[str, int]], spec, env: DistEnv, batch_size: int, skip_bad: bool, known_bad: set[str]
+    ):
         super().__init__()
         _check_paths(samples)
         self.samples, self.spec, self.env, self.batch_size, self.skip_bad = samples, spec, env, batch_size, skip_bad
@@ -162,7 +174,7 @@ class _DaliLoader(BadFileLog):
         for end in (start + size, start + (1 + self.spec.prefetch) * size):
             window = list(dict.fromkeys(positions[start:end]))
             reasons = check_files([self.samples[p][0] for p in window], decode=True, workers=_DECODE_CHECK_WORKERS)
-            found = {p: r for p, r in zip(window, reasons) if r is not None}
+            found = {p: r for p, r in zip(window, reasons, strict=True) if r is not None}
             if not found:  # decodable by PIL: try DALI's own CPU decoder on each (rare; one tiny pipeline per file)
                 found = {p: r for p in window if (r := _dali_decode_problem(self.samples[p][0]))}
             if found:
@@ -214,16 +226,26 @@ def dali_reason(err: Exception) -> str:
 
 
 class DaliTrainLoader(_DaliLoader):
-    def __init__(self, samples, spec, cfg: DataConfig, env: DistEnv, batch_size: int, seed: int,
-                 known_bad: set[str] = frozenset()):
+    def __init__(
+        self,
+        samples,
+        spec,
+        cfg: DataConfig,
+        env: DistEnv,
+        batch_size: int,
+        seed: int,
+        known_bad: set[str] = frozenset(),
+    ):
         super().__init__(samples, spec, env, batch_size, cfg.skip_bad, known_bad)
         self.note_bad(sorted(samples[p][0] for p in self._bad_positions))
         self.cfg, self.seed = cfg, seed
         self.sampler = ShardedSampler(len(samples), env, seed, shuffle=True, batch_size=batch_size)
         self.steps_per_epoch = len(samples) // (batch_size * env.world_size)
         if self.steps_per_epoch == 0:
-            raise _data_error(f"the training set has {len(samples)} images, fewer than one global batch of "
-                              f"{batch_size * env.world_size}; lower optim.batch_size")
+            raise _data_error(
+                f"the training set has {len(samples)} images, fewer than one global batch of "
+                f"{batch_size * env.world_size}; lower optim.batch_size"
+            )
 
     def _substitute(self, position: int) -> int:
         """The sample read in place of `position`: itself, or the next one in dataset order not known to be bad."""
@@ -231,15 +253,24 @@ class DaliTrainLoader(_DaliLoader):
             candidate = (position + offset) % len(self.samples)
             if candidate not in self._bad_positions:
                 return candidate
-        raise _data_error("every training image failed to decode; check the folder with: fastfit data check "
-                          "DATA_ROOT --decode")
+        raise _data_error(
+            "every training image failed to decode; check the folder with: fastfit data check DATA_ROOT --decode"
+        )
 
     def _pipeline(self, seed: int):
         from fastfit.data.dali_pipelines import train_pipeline
 
         cfg = self.cfg
-        return lambda file_list: train_pipeline(self.spec, file_list, self.batch_size, seed, cfg.augment,
-                                                tuple(cfg.rrc_scale), tuple(cfg.rrc_ratio), cfg.hflip)
+        return lambda file_list: train_pipeline(
+            self.spec,
+            file_list,
+            self.batch_size,
+            seed,
+            cfg.augment,
+            tuple(cfg.rrc_scale),
+            tuple(cfg.rrc_ratio),
+            cfg.hflip,
+        )
 
     def epoch(self, epoch: int, start_step: int = 0):
         check_start_step(start_step, self.steps_per_epoch)
@@ -265,8 +296,9 @@ class DaliTrainLoader(_DaliLoader):
 
 
 class DaliValLoader(_DaliLoader):
-    def __init__(self, samples, spec, cfg: DataConfig, env: DistEnv, batch_size: int,
-                 known_bad: set[str] = frozenset()):
+    def __init__(
+        self, samples, spec, cfg: DataConfig, env: DistEnv, batch_size: int, known_bad: set[str] = frozenset()
+    ):
         super().__init__(samples, spec, env, batch_size, cfg.skip_bad, known_bad)
         self.val_resize = cfg.val_resize
         sampler = ShardedSampler(len(samples), env, seed=0, shuffle=False, batch_size=None)
@@ -310,9 +342,16 @@ def _pipeline_spec(cfg: DataConfig, env: DistEnv, channels_last: bool):
 
     gpu = env.device.type == "cuda" and torch.cuda.is_available()
     device_id = (env.device.index if env.device.index is not None else env.local_rank) if gpu else None
-    return PipelineSpec(gpu=gpu, device_id=device_id, threads=cfg.dali_threads,
-                        hw_decoder_load=cfg.dali_hw_decoder_load, image_size=cfg.image_size, mean=tuple(cfg.mean),
-                        std=tuple(cfg.std), channels_last=channels_last)
+    return PipelineSpec(
+        gpu=gpu,
+        device_id=device_id,
+        threads=cfg.dali_threads,
+        hw_decoder_load=cfg.dali_hw_decoder_load,
+        image_size=cfg.image_size,
+        mean=tuple(cfg.mean),
+        std=tuple(cfg.std),
+        channels_last=channels_last,
+    )
 
 
 def scan_bad_files(paths: list[str], env: DistEnv) -> dict[str, str]:
@@ -326,7 +365,7 @@ def scan_bad_files(paths: list[str], env: DistEnv) -> dict[str, str]:
     # The ranks on this machine share its cores.
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    found = {p: r for p, r in zip(share, check_files(share, workers=workers)) if r is not None}
+    found = {p: r for p, r in zip(share, check_files(share, workers=workers), strict=True) if r is not None}
     if distributed:
         gathered: list = [None] * env.world_size
         torch.distributed.all_gather_object(gathered, found)
@@ -346,8 +385,16 @@ def _split_samples(root: Path, split_dir: str, file_list, subset: int, seed: int
     return samples, classes
 
 
-def build_dali_loaders(cfg: DataConfig, env: DistEnv, root: Path, batch_size: int, seed: int, channels_last: bool,
-                       train_list: str | os.PathLike | None = None, val_list: str | os.PathLike | None = None):
+def build_dali_loaders(
+    cfg: DataConfig,
+    env: DistEnv,
+    root: Path,
+    batch_size: int,
+    seed: int,
+    channels_last: bool,
+    train_list: str | os.PathLike | None = None,
+    val_list: str | os.PathLike | None = None,
+):
     """(train loader, val loader, class names) for this rank; `batch_size` is per rank.
 
     Samples come from the ImageFolder layout under `root` (cfg.train_dir / cfg.val_dir), or, for a split whose
@@ -356,8 +403,10 @@ def build_dali_loaders(cfg: DataConfig, env: DistEnv, root: Path, batch_size: in
     """
     require_dali()
     if cfg.augment not in ("rrc", "pad-crop", "none"):
-        raise _data_error(f"data.augment={cfg.augment!r} is not supported by the DALI backend (rrc, pad-crop, none); "
-                          "use data.backend=torchvision")
+        raise _data_error(
+            f"data.augment={cfg.augment!r} is not supported by the DALI backend (rrc, pad-crop, none); "
+            "use data.backend=torchvision"
+        )
     if train_list is None and val_list is None:  # the common case, listed exactly as the torchvision backend does
         train_folder, train_idx, val_folder, val_idx = load_image_folders(cfg, root, seed)
         train, val = [train_folder.samples[i] for i in train_idx], [val_folder.samples[i] for i in val_idx]
@@ -368,12 +417,17 @@ def build_dali_loaders(cfg: DataConfig, env: DistEnv, root: Path, batch_size: in
         top = max(label for _, label in train + val)
         classes = train_classes or val_classes or [str(i) for i in range(top + 1)]
         if top >= len(classes):
-            raise _data_error(f"a file list has label {top} but {root} has only {len(classes)} class folders; "
-                              "labels must index the sorted class folders")
+            raise _data_error(
+                f"a file list has label {top} but {root} has only {len(classes)} class folders; "
+                "labels must index the sorted class folders"
+            )
     bad = scan_bad_files([p for p, _ in train + val], env)
     if bad and not cfg.skip_bad:
         path, reason = next(iter(bad.items()))
         raise _data_error(bad_file_message(path, reason, others=len(bad) - 1))
     spec = _pipeline_spec(cfg, env, channels_last)
-    return (DaliTrainLoader(train, spec, cfg, env, batch_size, seed, set(bad)),
-            DaliValLoader(val, spec, cfg, env, batch_size, set(bad)), classes)
+    return (
+        DaliTrainLoader(train, spec, cfg, env, batch_size, seed, set(bad)),
+        DaliValLoader(val, spec, cfg, env, batch_size, set(bad)),
+        classes,
+    )

@@ -29,14 +29,14 @@ PREFETCH_DEPTH = 2  # batches decoded ahead of the one the step consumes: loadin
 class PipelineSpec:
     """Where and how a pipeline runs; the same for train and val of one loader pair."""
 
-    gpu: bool                       # 'mixed' decode + GPU ops, else everything on the CPU
-    device_id: int | None           # CUDA device (from LOCAL_RANK) or None on the CPU
+    gpu: bool  # 'mixed' decode + GPU ops, else everything on the CPU
+    device_id: int | None  # CUDA device (from LOCAL_RANK) or None on the CPU
     threads: int
-    hw_decoder_load: float          # share of JPEGs for the hardware decoder (A100/H100/H200), 'mixed' only
+    hw_decoder_load: float  # share of JPEGs for the hardware decoder (A100/H100/H200), 'mixed' only
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    channels_last: bool             # HWC output (a channels-last NCHW view after permute) or CHW
+    channels_last: bool  # HWC output (a channels-last NCHW view after permute) or CHW
     prefetch: int = PREFETCH_DEPTH
 
     @property
@@ -70,8 +70,10 @@ def _resize_shorter(height, width, size: int):
     int(size · long / short) (truncated, where DALI's resize_shorter would round: a pixel off, a different scale)."""
     width_is_short = fn.cast(width <= height, dtype=types.FLOAT)
     longer = dmath.floor(size * dmath.max(height, width) / dmath.min(height, width))
-    return (width_is_short * longer + (1 - width_is_short) * size,
-            width_is_short * size + (1 - width_is_short) * longer)
+    return (
+        width_is_short * longer + (1 - width_is_short) * size,
+        width_is_short * size + (1 - width_is_short) * longer,
+    )
 
 
 def _center_crop_pos(extent, size: int):
@@ -95,11 +97,23 @@ def _normalize(images, spec: PipelineSpec, mirror=0, center_of=None):
     extra = {}
     if center_of is not None:  # pixels outside the image come out black after normalization, as in torchvision
         height, width = center_of
-        extra = dict(crop=(spec.image_size, spec.image_size), crop_pos_y=_center_crop_pos(height, spec.image_size),
-                     crop_pos_x=_center_crop_pos(width, spec.image_size), rounding="truncate",
-                     out_of_bounds_policy="pad", fill_values=[-m / s for m, s in zip(spec.mean, spec.std)])
-    return fn.crop_mirror_normalize(images, dtype=spec.out_dtype, output_layout="HWC" if spec.channels_last else "CHW",
-                                    mean=mean, std=std, mirror=mirror, **extra)
+        extra = dict(
+            crop=(spec.image_size, spec.image_size),
+            crop_pos_y=_center_crop_pos(height, spec.image_size),
+            crop_pos_x=_center_crop_pos(width, spec.image_size),
+            rounding="truncate",
+            out_of_bounds_policy="pad",
+            fill_values=[-m / s for m, s in zip(spec.mean, spec.std, strict=True)],
+        )
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=spec.out_dtype,
+        output_layout="HWC" if spec.channels_last else "CHW",
+        mean=mean,
+        std=std,
+        mirror=mirror,
+        **extra,
+    )
 
 
 def _labels(labels, spec: PipelineSpec):
@@ -108,21 +122,38 @@ def _labels(labels, spec: PipelineSpec):
 
 
 def _pipeline(spec: PipelineSpec, batch_size: int, seed: int) -> Pipeline:
-    return Pipeline(batch_size=batch_size, num_threads=spec.threads, device_id=spec.device_id, seed=seed,
-                    prefetch_queue_depth=spec.prefetch)
+    return Pipeline(
+        batch_size=batch_size,
+        num_threads=spec.threads,
+        device_id=spec.device_id,
+        seed=seed,
+        prefetch_queue_depth=spec.prefetch,
+    )
 
 
-def train_pipeline(spec: PipelineSpec, file_list: str, batch_size: int, seed: int, augment: str,
-                   rrc_scale: tuple[float, float], rrc_ratio: tuple[float, float], hflip: bool) -> Pipeline:
+def train_pipeline(
+    spec: PipelineSpec,
+    file_list: str,
+    batch_size: int,
+    seed: int,
+    augment: str,
+    rrc_scale: tuple[float, float],
+    rrc_ratio: tuple[float, float],
+    hflip: bool,
+) -> Pipeline:
     size = spec.image_size
     pipe = _pipeline(spec, batch_size, seed)
     with pipe:
         jpegs, labels = _read(file_list)
         mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
         if augment == "rrc":
-            images = fn.decoders.image_random_crop(jpegs, random_area=list(rrc_scale),
-                                                   random_aspect_ratio=list(rrc_ratio), num_attempts=10,
-                                                   **_decoder_args(spec))
+            images = fn.decoders.image_random_crop(
+                jpegs,
+                random_area=list(rrc_scale),
+                random_aspect_ratio=list(rrc_ratio),
+                num_attempts=10,
+                **_decoder_args(spec),
+            )
             images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
             images = _normalize(images, spec, mirror)
         elif augment == "pad-crop":
@@ -133,8 +164,16 @@ def train_pipeline(spec: PipelineSpec, file_list: str, batch_size: int, seed: in
             u = fn.random.uniform(range=[0.0, 1.0], shape=[2])
             start = fn.cast(dmath.floor(u * (height_width + float(2 * pad - size + 1))), dtype=types.INT32) - pad
             images = fn.decoders.image(jpegs, **_decoder_args(spec))
-            images = fn.slice(images, start, [size, size], axis_names="HW", out_of_bounds_policy="pad",
-                              fill_values=0, normalized_anchor=False, normalized_shape=False)
+            images = fn.slice(
+                images,
+                start,
+                [size, size],
+                axis_names="HW",
+                out_of_bounds_policy="pad",
+                fill_values=0,
+                normalized_anchor=False,
+                normalized_shape=False,
+            )
             images = _normalize(images, spec, mirror)
         elif augment == "none":
             images = fn.decoders.image(jpegs, **_decoder_args(spec))

@@ -19,8 +19,10 @@ from PIL import Image
 
 PACKAGE_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
-SPLITS = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60_000),
-          "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10_000)}
+SPLITS = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60_000),
+    "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10_000),
+}
 _FORMAT_VERSION = "1"
 
 
@@ -40,8 +42,10 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
         if got_magic != magic:
             from fastfit.data import DataError
 
-            raise DataError(f"{path}: not an IDX file (magic {got_magic:#x}, expected {magic:#x}); reinstall the "
-                            "Debian package dataset-fashion-mnist")
+            raise DataError(
+                f"{path}: not an IDX file (magic {got_magic:#x}, expected {magic:#x}); reinstall the "
+                "Debian package dataset-fashion-mnist"
+            )
         if magic == 0x803:
             rows, cols = struct.unpack(">II", handle.read(8))
             return np.frombuffer(handle.read(), dtype=np.uint8).reshape(count, rows, cols)
@@ -56,12 +60,16 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     folder = source_dir()
     images_path, labels_path = folder / images_name, folder / labels_name
     if not images_path.is_file() or not labels_path.is_file():
-        raise DataError(f"Fashion-MNIST files are missing from {folder}; install the Debian package: "
-                        "sudo apt-get install dataset-fashion-mnist (or set FASTFIT_FMNIST_DIR to a folder with the "
-                        "four *-ubyte.gz files)")
+        raise DataError(
+            f"Fashion-MNIST files are missing from {folder}; install the Debian package: "
+            "sudo apt-get install dataset-fashion-mnist (or set FASTFIT_FMNIST_DIR to a folder with the "
+            "four *-ubyte.gz files)"
+        )
     images, labels = _read_idx(images_path, 0x803), _read_idx(labels_path, 0x801)
     if len(images) != expected or len(labels) != expected:
-        raise DataError(f"{folder}: expected {expected} {split} images and labels, found {len(images)} and {len(labels)}")
+        raise DataError(
+            f"{folder}: expected {expected} {split} images and labels, found {len(images)} and {len(labels)}"
+        )
     return images, labels
 
 
@@ -82,9 +90,10 @@ def ensure_fashion_mnist_jpegs(cache_dir: Path | None = None, quality: int = 95)
             images, labels = load_split(split)
             for label in range(len(CLASSES)):
                 (staging / split / class_folder(label)).mkdir(parents=True)
-            for index, (pixels, label) in enumerate(zip(images, labels)):
+            for index, (pixels, label) in enumerate(zip(images, labels, strict=True)):
                 Image.fromarray(pixels, mode="L").save(
-                    staging / split / class_folder(int(label)) / f"{index:05d}.jpg", quality=quality)
+                    staging / split / class_folder(int(label)) / f"{index:05d}.jpg", quality=quality
+                )
         (staging / "COMPLETE").write_text(_FORMAT_VERSION + "\n")
         if cache_dir.exists():
             shutil.rmtree(cache_dir)

@@ -48,7 +48,7 @@ def class_name(index: int) -> str:
 def synthetic_jpeg(seed: int, split: str, label: int, index: int, n_classes: int, quality: int = QUALITY) -> bytes:
     """The JPEG bytes of one image, a pure function of its arguments."""
     rng = np.random.default_rng([seed, _SPLITS[split], label, index])
-    shapes, shares = zip(*SHAPES)
+    shapes, shares = zip(*SHAPES, strict=True)
     width, height = shapes[rng.choice(len(shapes), p=shares)]
 
     def colour_field(grid_h: int, grid_w: int, amplitude: float) -> np.ndarray:
@@ -60,9 +60,15 @@ def synthetic_jpeg(seed: int, split: str, label: int, index: int, n_classes: int
     hue = np.array([np.sin(phase), np.sin(phase + 2.1), np.sin(phase + 4.2)], dtype=np.float32) * 60 + 128
     x = np.linspace(-0.5, 0.5, width, dtype=np.float32)[None, :, None]
     y = np.linspace(-0.5, 0.5, height, dtype=np.float32)[:, None, None]
-    pixels = (hue + 40 * x + 30 * y + colour_field(4, 5, 1.0) + colour_field(24, 32, 0.6)
-              + colour_field(height // 6, width // 6, 0.5)
-              + rng.standard_normal((height, width, 3), dtype=np.float32) * _GRAIN)
+    pixels = (
+        hue
+        + 40 * x
+        + 30 * y
+        + colour_field(4, 5, 1.0)
+        + colour_field(24, 32, 0.6)
+        + colour_field(height // 6, width // 6, 0.5)
+        + rng.standard_normal((height, width, 3), dtype=np.float32) * _GRAIN
+    )
     buffer = io.BytesIO()
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
@@ -81,23 +87,34 @@ def _per_class(total: int, n_classes: int) -> list[int]:
     return [total // n_classes + (c < total % n_classes) for c in range(n_classes)]
 
 
-def write_synthetic_imagenet(root: str | os.PathLike, n_train: int, n_classes: int = 10, n_val: int | None = None,
-                             seed: int = 0, workers: int | None = None, quality: int = QUALITY) -> SynthSummary:
+def write_synthetic_imagenet(
+    root: str | os.PathLike,
+    n_train: int,
+    n_classes: int = 10,
+    n_val: int | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+    quality: int = QUALITY,
+) -> SynthSummary:
     """Write `n_train` train and `n_val` (default n_train // 10) val JPEGs in `n_classes` class folders."""
     from fastfit.data import DataError
 
     n_val = n_train // 10 if n_val is None else n_val
     if n_classes < 1 or n_train < 0 or n_val < 0:
-        raise DataError(f"synthetic data needs classes >= 1 and non-negative image counts, got classes={n_classes}, "
-                        f"n={n_train}, val={n_val}")
+        raise DataError(
+            f"synthetic data needs classes >= 1 and non-negative image counts, got classes={n_classes}, "
+            f"n={n_train}, val={n_val}"
+        )
     root = Path(root).expanduser()
     jobs = []
     for split, total in (("train", n_train), ("val", n_val)):
         for label, count in enumerate(_per_class(total, n_classes)):
             folder = root / split / class_name(label)
             folder.mkdir(parents=True, exist_ok=True)
-            jobs += [(folder / f"{split}_{index:08d}.JPEG", seed, split, label, index, n_classes, quality)
-                     for index in range(count)]
+            jobs += [
+                (folder / f"{split}_{index:08d}.JPEG", seed, split, label, index, n_classes, quality)
+                for index in range(count)
+            ]
     workers = workers if workers is not None else (os.cpu_count() or 1)
     if workers <= 1 or len(jobs) < _POOL_MIN:
         sizes = [_write_one(job) for job in jobs]

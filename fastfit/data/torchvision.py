@@ -26,7 +26,7 @@ from fastfit.config import DataConfig
 from fastfit.dist import DistEnv
 
 _SEED_STRIDE = 1_000_003  # keeps (epoch, index) → seed one-to-one for any dataset below a million samples per epoch
-MAX_SUBSTITUTES = 16      # consecutive undecodable files before skip_bad gives up: a broken folder, not a few files
+MAX_SUBSTITUTES = 16  # consecutive undecodable files before skip_bad gives up: a broken folder, not a few files
 _log = logging.getLogger("fastfit.data")
 
 
@@ -44,8 +44,9 @@ def check_split_dir(root: Path, split: str) -> Path:
 def train_transform(cfg: DataConfig) -> v2.Transform:
     steps: list[v2.Transform] = [v2.ToImage()]
     if cfg.augment == "rrc":
-        steps.append(v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.rrc_scale), ratio=tuple(cfg.rrc_ratio),
-                                          antialias=True))
+        steps.append(
+            v2.RandomResizedCrop(cfg.image_size, scale=tuple(cfg.rrc_scale), ratio=tuple(cfg.rrc_ratio), antialias=True)
+        )
     elif cfg.augment == "pad-crop":
         steps.append(v2.RandomCrop(cfg.image_size, padding=max(1, cfg.image_size // 8)))
     else:
@@ -70,8 +71,10 @@ def balanced_subset(targets: list[int], size: int, seed: int) -> list[int]:
     by_class: dict[int, list[int]] = {}
     for index, target in enumerate(targets):
         by_class.setdefault(target, []).append(index)
-    queues = [[members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
-              for _, members in sorted(by_class.items())]
+    queues = [
+        [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+        for _, members in sorted(by_class.items())
+    ]
     picked: list[int] = []
     depth = 0
     while len(picked) < size and any(depth < len(q) for q in queues):
@@ -88,11 +91,19 @@ def image_folder(root: Path, split: str) -> datasets.ImageFolder:
         return datasets.ImageFolder(path)
     except FileNotFoundError as err:  # a class folder without images
         classes = sorted(p.name for p in path.iterdir() if p.is_dir())
-        empty = [name for name in classes if not any(datasets.folder.has_file_allowed_extension(f.name,
-                 datasets.folder.IMG_EXTENSIONS) for f in (path / name).iterdir())]
+        empty = [
+            name
+            for name in classes
+            if not any(
+                datasets.folder.has_file_allowed_extension(f.name, datasets.folder.IMG_EXTENSIONS)
+                for f in (path / name).iterdir()
+            )
+        ]
         listed = ", ".join(empty[:5]) + (f", … ({len(empty)} of {len(classes)})" if len(empty) > 5 else "")
-        raise DataError(f"dataset folder {path}: class folders without images: {listed}; every class folder needs "
-                        f"at least one image ({', '.join(datasets.folder.IMG_EXTENSIONS)})") from err
+        raise DataError(
+            f"dataset folder {path}: class folders without images: {listed}; every class folder needs "
+            f"at least one image ({', '.join(datasets.folder.IMG_EXTENSIONS)})"
+        ) from err
 
 
 def load_image_folders(cfg: DataConfig, root: Path, seed: int):
@@ -102,8 +113,10 @@ def load_image_folders(cfg: DataConfig, root: Path, seed: int):
 
     train_folder, val_folder = image_folder(root, cfg.train_dir), image_folder(root, cfg.val_dir)
     if train_folder.classes != val_folder.classes:
-        raise DataError(f"{root}: train/ and val/ have different class folders ({len(train_folder.classes)} vs "
-                        f"{len(val_folder.classes)}); they must match so labels mean the same thing")
+        raise DataError(
+            f"{root}: train/ and val/ have different class folders ({len(train_folder.classes)} vs "
+            f"{len(val_folder.classes)}); they must match so labels mean the same thing"
+        )
     train_idx = list(range(len(train_folder)))
     if cfg.train_subset:
         train_idx = balanced_subset(train_folder.targets, cfg.train_subset, seed)
@@ -115,8 +128,10 @@ def load_image_folders(cfg: DataConfig, root: Path, seed: int):
 
 def bad_file_message(path: str, err: object, others: int = 0) -> str:
     more = f" (and {others} more bad files)" if others else ""
-    return (f"cannot decode image {path}: {err}{more}; remove the file or set data.skip_bad=true "
-            f"(list every bad file with: fastfit data check DATA_ROOT --decode)")
+    return (
+        f"cannot decode image {path}: {err}{more}; remove the file or set data.skip_bad=true "
+        f"(list every bad file with: fastfit data check DATA_ROOT --decode)"
+    )
 
 
 class SeededImageFolder(Dataset):
@@ -128,8 +143,16 @@ class SeededImageFolder(Dataset):
     the loader removes from the batch.
     """
 
-    def __init__(self, folder: datasets.ImageFolder, indices: list[int], transform: v2.Transform, seed: int,
-                 skip_bad: bool = False, drop_bad: bool = False, image_size: int = 0):
+    def __init__(
+        self,
+        folder: datasets.ImageFolder,
+        indices: list[int],
+        transform: v2.Transform,
+        seed: int,
+        skip_bad: bool = False,
+        drop_bad: bool = False,
+        image_size: int = 0,
+    ):
         self.folder, self.indices, self.transform, self.seed = folder, indices, transform, seed
         self.skip_bad, self.drop_bad, self.image_size = skip_bad, drop_bad, image_size
 
@@ -158,8 +181,10 @@ class SeededImageFolder(Dataset):
             if self.drop_bad:
                 return torch.zeros(3, self.image_size, self.image_size), -1, "\n".join(bad)
         else:
-            raise DataError(f"{MAX_SUBSTITUTES + 1} consecutive files failed to decode (last {path}); "
-                            f"the folder looks broken, check it with: fastfit data check DATA_ROOT --decode")
+            raise DataError(
+                f"{MAX_SUBSTITUTES + 1} consecutive files failed to decode (last {path}); "
+                f"the folder looks broken, check it with: fastfit data check DATA_ROOT --decode"
+            )
         # The substitute keeps the original key's seed: augmentation stays a function of (seed, epoch, position).
         # v2 transforms draw from torch's global generator; fork it so seeding here never leaks into the caller.
         with torch.random.fork_rng(devices=[]):
@@ -214,13 +239,15 @@ class BadFileLog:
                 if path not in self._seen:
                     self._seen.add(path)
                     self.bad_files.append(path)
-                    _log.warning("skipping undecodable image %s (data.skip_bad=true; %d so far)", path,
-                                 len(self.bad_files))
+                    _log.warning(
+                        "skipping undecodable image %s (data.skip_bad=true; %d so far)", path, len(self.bad_files)
+                    )
 
 
 class TorchvisionTrainLoader(BadFileLog):
-    def __init__(self, dataset: SeededImageFolder, env: DistEnv, batch_size: int, workers: int, seed: int,
-                 channels_last: bool):
+    def __init__(
+        self, dataset: SeededImageFolder, env: DistEnv, batch_size: int, workers: int, seed: int, channels_last: bool
+    ):
         super().__init__()
         self.env, self.batch_size, self.channels_last = env, batch_size, channels_last
         self.sampler = ShardedSampler(len(dataset), env, seed, shuffle=True, batch_size=batch_size)
@@ -228,11 +255,20 @@ class TorchvisionTrainLoader(BadFileLog):
         if self.steps_per_epoch == 0:
             from fastfit.data import DataError
 
-            raise DataError(f"the training set has {len(dataset)} images, fewer than one global batch of "
-                            f"{batch_size * env.world_size}; lower optim.batch_size")
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 pin_memory=env.device.type == "cuda", drop_last=True,
-                                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+            raise DataError(
+                f"the training set has {len(dataset)} images, fewer than one global batch of "
+                f"{batch_size * env.world_size}; lower optim.batch_size"
+            )
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=env.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
 
     def epoch(self, epoch: int, start_step: int = 0):
         check_start_step(start_step, self.steps_per_epoch)
@@ -255,9 +291,15 @@ class TorchvisionValLoader(BadFileLog):
         self.env, self.channels_last = env, channels_last
         sampler = ShardedSampler(len(dataset), env, seed=0, shuffle=False, batch_size=None)
         self.num_samples = self._listed = len(sampler)
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                 pin_memory=env.device.type == "cuda", drop_last=False,
-                                 persistent_workers=workers > 0)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=env.device.type == "cuda",
+            drop_last=False,
+            persistent_workers=workers > 0,
+        )
 
     def __iter__(self):
         for images, labels, bad in self.loader:
@@ -278,12 +320,14 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
     return images, labels.to(device, non_blocking=True)
 
 
-def build_torchvision_loaders(cfg: DataConfig, env: DistEnv, root: Path, batch_size: int, seed: int,
-                              channels_last: bool):
+def build_torchvision_loaders(
+    cfg: DataConfig, env: DistEnv, root: Path, batch_size: int, seed: int, channels_last: bool
+):
     train_folder, train_idx, val_folder, val_idx = load_image_folders(cfg, root, seed)
     train_set = SeededImageFolder(train_folder, train_idx, train_transform(cfg), seed, skip_bad=cfg.skip_bad)
-    val_set = SeededImageFolder(val_folder, val_idx, val_transform(cfg), seed, skip_bad=cfg.skip_bad, drop_bad=True,
-                                image_size=cfg.image_size)
+    val_set = SeededImageFolder(
+        val_folder, val_idx, val_transform(cfg), seed, skip_bad=cfg.skip_bad, drop_bad=True, image_size=cfg.image_size
+    )
     train = TorchvisionTrainLoader(train_set, env, batch_size, cfg.workers, seed, channels_last)
     val = TorchvisionValLoader(val_set, env, batch_size, cfg.workers, channels_last)
     return train, val, train_folder.classes

@@ -26,8 +26,8 @@ class Case:
     op: str
     shape: dict[str, Any]
     providers: dict[str, dict[str, Callable[[int], Any]]]
-    bytes: dict[str, int]            # minimal HBM traffic per mode (the bandwidth floor)
-    flops: dict[str, int] = field(default_factory=dict)   # matrix FLOPs per mode (the compute floor)
+    bytes: dict[str, int]  # minimal HBM traffic per mode (the bandwidth floor)
+    flops: dict[str, int] = field(default_factory=dict)  # matrix FLOPs per mode (the compute floor)
     target_us: dict[str, float] = field(default_factory=dict)
 
 
@@ -39,8 +39,9 @@ def _floor_us(case: Case, mode: str, device_name: str) -> float | None:
     return max(case.bytes.get(mode, 0) / bandwidth, case.flops.get(mode, 0) / flops) * 1e6
 
 
-def run(ops: list[str], providers: list[str], modes: list[str], quick: bool, iters: int, warmup: int,
-        json_path: str | None) -> list[dict[str, Any]]:
+def run(
+    ops: list[str], providers: list[str], modes: list[str], quick: bool, iters: int, warmup: int, json_path: str | None
+) -> list[dict[str, Any]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if quick:
@@ -48,7 +49,7 @@ def run(ops: list[str], providers: list[str], modes: list[str], quick: bool, ite
     rows: list[dict[str, Any]] = []
     for op in ops:
         module = importlib.import_module(f"fastfit.kernel_bench.{op}")
-        for shape in (module.QUICK_CASES if quick else module.CASES):
+        for shape in module.QUICK_CASES if quick else module.CASES:
             case = module.setup(shape, device)
             for provider in providers:
                 for mode in modes:
@@ -73,21 +74,54 @@ def run(ops: list[str], providers: list[str], modes: list[str], quick: bool, ite
                         row["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                     rows.append(row)
             del case
-    columns = ["op", "provider", "mode", "shape", "median_us", "p20_us", "p80_us", "gb_s", "tflop_s", "floor_us",
-               "x_floor", "peak_mb"]
+    columns = [
+        "op",
+        "provider",
+        "mode",
+        "shape",
+        "median_us",
+        "p20_us",
+        "p80_us",
+        "gb_s",
+        "tflop_s",
+        "floor_us",
+        "x_floor",
+        "peak_mb",
+    ]
     printable = [{**r, "shape": "×".join(str(v) for k, v in r.items() if k in _shape_keys(r))} for r in rows]
     print(format_table(printable, columns))
     if json_path:
         ceil = ceilings_for(device_name)
-        write_results(json_path, {"benchmark": "kernels", "device": device_name, "quick": quick, "iters": iters,
-                                  "ceilings": None if ceil is None else {"bytes_per_s": ceil[0], "flop_per_s": ceil[1],
-                                                                         "source": ceil[2]},
-                                  "results": rows})
+        write_results(
+            json_path,
+            {
+                "benchmark": "kernels",
+                "device": device_name,
+                "quick": quick,
+                "iters": iters,
+                "ceilings": None
+                if ceil is None
+                else {"bytes_per_s": ceil[0], "flop_per_s": ceil[1], "source": ceil[2]},
+                "results": rows,
+            },
+        )
         print(f"wrote {json_path}")
     return rows
 
 
 def _shape_keys(row: dict[str, Any]) -> list[str]:
-    fixed = {"op", "provider", "mode", "median_us", "p20_us", "p80_us", "gb_s", "tflop_s", "floor_us", "x_floor",
-             "peak_mb", "target_us"}
+    fixed = {
+        "op",
+        "provider",
+        "mode",
+        "median_us",
+        "p20_us",
+        "p80_us",
+        "gb_s",
+        "tflop_s",
+        "floor_us",
+        "x_floor",
+        "peak_mb",
+        "target_us",
+    }
     return [k for k in row if k not in fixed]

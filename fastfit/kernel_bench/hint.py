@@ -21,8 +21,8 @@ from fastfit.losses import HintLoss
 
 KIND = "normalized_l2"  # the MMRazor recipe's hint loss
 CASES: list[dict[str, Any]] = [
-    {"layer": "layer4", "n": 256, "cs": 512, "ct": 2048, "h": 7, "w": 7},     # M = 12,544
-    {"layer": "layer3", "n": 256, "cs": 256, "ct": 1024, "h": 14, "w": 14},   # M = 50,176
+    {"layer": "layer4", "n": 256, "cs": 512, "ct": 2048, "h": 7, "w": 7},  # M = 12,544
+    {"layer": "layer3", "n": 256, "cs": 256, "ct": 1024, "h": 14, "w": 14},  # M = 50,176
 ]
 QUICK_CASES: list[dict[str, Any]] = [
     {"layer": "tiny", "n": 2, "cs": 16, "ct": 32, "h": 4, "w": 4},
@@ -32,8 +32,9 @@ TARGET_FWD_BWD_US = 150.0
 ROTATE = 3  # distinct input sets, so caches do not flatter repeated calls
 
 
-def _provider(loss_module: HintLoss, inputs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-              autocast: bool) -> dict[str, Any]:
+def _provider(
+    loss_module: HintLoss, inputs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, autocast: bool
+) -> dict[str, Any]:
     params = list(loss_module.parameters())
 
     def call(i: int) -> torch.Tensor:
@@ -68,8 +69,10 @@ def setup(case: dict[str, Any], device: torch.device) -> Case:
         inputs.append((student.requires_grad_(), teacher))
     connector = MMRazorConnector(cs, ct).to(device).train()
     eager = HintLoss(copy.deepcopy(connector), KIND, fused=False)
-    compiled = torch.compile(HintLoss(copy.deepcopy(connector), KIND, fused=False),
-                             backend="inductor" if device.type == "cuda" else "aot_eager")
+    compiled = torch.compile(
+        HintLoss(copy.deepcopy(connector), KIND, fused=False),
+        backend="inductor" if device.type == "cuda" else "aot_eager",
+    )
     fused = HintLoss(copy.deepcopy(connector), KIND, fused=True)
     providers = {
         "eager": _provider(eager, inputs, device, autocast=True),
@@ -78,6 +81,11 @@ def setup(case: dict[str, Any], device: torch.device) -> Case:
     }
     read = (m * cs + m * ct) * elt
     flops = 2 * m * cs * ct
-    return Case(op="hint", shape={"layer": case["layer"], "m": m, "cs": cs, "ct": ct, "dtype": "bf16", "kind": KIND},
-                providers=providers, bytes={"fwd": read, "fwd_bwd": read + m * cs * elt},
-                flops={"fwd": flops, "fwd_bwd": 3 * flops}, target_us={"fwd_bwd": TARGET_FWD_BWD_US})
+    return Case(
+        op="hint",
+        shape={"layer": case["layer"], "m": m, "cs": cs, "ct": ct, "dtype": "bf16", "kind": KIND},
+        providers=providers,
+        bytes={"fwd": read, "fwd_bwd": read + m * cs * elt},
+        flops={"fwd": flops, "fwd_bwd": 3 * flops},
+        target_us={"fwd_bwd": TARGET_FWD_BWD_US},
+    )

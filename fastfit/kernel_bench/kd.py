@@ -21,8 +21,9 @@ from fastfit.benchmarking import ceilings_for
 from fastfit.kernel_bench import Case
 from fastfit.losses import kd_loss_reference
 
-CASES = [{"N": n, "C": c, "dtype": dtype} for n in (256, 8192) for c in (1000, 21843)
-         for dtype in ("float32", "bfloat16")]
+CASES = [
+    {"N": n, "C": c, "dtype": dtype} for n in (256, 8192) for c in (1000, 21843) for dtype in ("float32", "bfloat16")
+]
 QUICK_CASES = [{"N": 4, "C": 37, "dtype": "float32"}, {"N": 3, "C": 300, "dtype": "bfloat16"}]
 
 TEMPERATURE, REDUCTION, KD_WEIGHT = 6.0, "mean", 10.0  # MMRazor's fitnets R50 → R18 recipe
@@ -59,9 +60,14 @@ def setup(case: dict[str, Any], device: torch.device) -> Case:
     elt = torch.empty((), dtype=dtype).element_size()
     set_bytes = 2 * n * c * elt + 8 * n
     sets = min(MAX_SETS, max(2, math.ceil(ROTATION_BYTES / set_bytes)))
-    inputs = [((torch.randn(n, c, device=device) * 3).to(dtype).requires_grad_(),
-               (torch.randn(n, c, device=device) * 3).to(dtype),
-               torch.randint(0, c, (n,), device=device)) for _ in range(sets)]
+    inputs = [
+        (
+            (torch.randn(n, c, device=device) * 3).to(dtype).requires_grad_(),
+            (torch.randn(n, c, device=device) * 3).to(dtype),
+            torch.randint(0, c, (n,), device=device),
+        )
+        for _ in range(sets)
+    ]
     floor_bytes = 3 * n * c * elt + 8 * n
     target_us: dict[str, float] = {}
     ceil = ceilings_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
@@ -70,8 +76,11 @@ def setup(case: dict[str, Any], device: torch.device) -> Case:
     return Case(
         op="kd",
         shape={"N": n, "C": c, "dtype": case["dtype"]},
-        providers={"eager": _modes(_reference, inputs), "compile": _modes(torch.compile(_reference), inputs),
-                   "fused": _modes(_fused, inputs)},
+        providers={
+            "eager": _modes(_reference, inputs),
+            "compile": _modes(torch.compile(_reference), inputs),
+            "fused": _modes(_fused, inputs),
+        },
         bytes={"fwd": floor_bytes, "fwd_bwd": floor_bytes},
         target_us=target_us,
     )
