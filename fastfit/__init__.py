@@ -1,4 +1,8 @@
-"""fastfit: FitNets knowledge distillation — hint losses through regressors plus temperature KD."""
+"""fastfit: FitNets knowledge distillation — hint losses through regressors plus temperature KD, fast.
+
+Packages, each importing only from those below it (docs/architecture.md; the contract is in pyproject.toml):
+cli → demo → perf → engine → data | distill | models → config | dist | kernels → errors.
+"""
 
 import importlib.abc
 import importlib.util
@@ -9,8 +13,8 @@ __version__ = "0.1.0"
 
 
 class _SourceCheckoutKernels(importlib.abc.MetaPathFinder):
-    """Maps fastfit.kernels onto the top-level kernels/ folder of a source checkout used without installing
-    (PYTHONPATH=.); an installed fastfit (wheel or editable) has its own mapping and never reaches this finder."""
+    """Maps fastfit.kernels onto this repository's top-level kernels/ folder when the checkout is used without
+    installing (PYTHONPATH=.). An installed fastfit (wheel or editable) maps it itself and never reaches this."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -23,6 +27,22 @@ class _SourceCheckoutKernels(importlib.abc.MetaPathFinder):
         )
 
 
-_kernels = Path(__file__).resolve().parent.parent / "kernels"
-if not (Path(__file__).resolve().parent / "kernels").is_dir() and (_kernels / "__init__.py").is_file():
+def _own_kernels_folder(package_dir: Path) -> Path | None:
+    """The checkout's kernels/ beside fastfit/, only when the folder above is this project (its pyproject.toml names
+    the project fastfit): never some other `kernels` folder that happens to sit there."""
+    root = package_dir.parent
+    kernels = root / "kernels"
+    if (package_dir / "kernels").is_dir() or not (kernels / "__init__.py").is_file():
+        return None
+    try:
+        import tomllib
+
+        project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8")).get("project", {})
+    except (OSError, ValueError):
+        return None
+    return kernels if project.get("name") == "fastfit" else None
+
+
+_kernels = _own_kernels_folder(Path(__file__).resolve().parent)
+if _kernels is not None:
     sys.meta_path.append(_SourceCheckoutKernels(_kernels))

@@ -1,4 +1,5 @@
-"""The `fastfit` command: demo, train, eval, export, config, data. Thin: parse, load the config, call the package.
+"""The `fastfit` command: demo, train, eval, export, profile, config, data. Thin: parse, load the config, call the
+package. It installs the console log handler (fastfit.console) before running a command.
 
 Bad input ends with one line naming the problem and the fix (exit code 2), not a traceback. A run stopped by a
 preemption signal exits with code 75 (EX_TEMPFAIL) after writing its checkpoint: run the same command with
@@ -10,15 +11,25 @@ shows it instead of "To enable traceback see …".
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
-from fastfit.config import ConfigError, load_config, shipped_configs_dir, to_toml
-from fastfit.errors import FastfitError
-from fastfit.preemption import EXIT_PREEMPTED, PeerFailure, Preempted
+from fastfit.config import load_config, shipped_configs_dir, to_toml
+from fastfit.console import setup_logging
+from fastfit.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_PEER_FAILED,
+    EXIT_PREEMPTED,
+    ConfigError,
+    FastfitError,
+    PeerFailure,
+    Preempted,
+)
 
-EXIT_BAD_INPUT = 2
-EXIT_PEER_FAILED = 1
+EXIT_OK = 0
+EXIT_BAD_FILES = 1  # `fastfit data check` found bad files
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -34,7 +45,7 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fastfit.engine import train
+    from fastfit.engine.loop import train
 
     cfg = load_config(args.config, args.overrides)
     train(cfg, resume=args.resume)
@@ -42,14 +53,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fastfit.demo import run_demo
+    from fastfit.demo.run import run_demo
 
     run_demo(out=args.out, budget=args.budget, device=args.device, extra=args.overrides, progress=not args.no_progress)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fastfit.evaluate import evaluate_weights
+    from fastfit.engine.evaluate import evaluate_weights
 
     cfg = load_config(args.config, args.overrides)
     for role, metrics in evaluate_weights(cfg, args.weights).items():
@@ -58,7 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fastfit.checkpoint import atomic_save, load_checkpoint
+    from fastfit.engine.checkpoint import atomic_save, load_checkpoint
 
     state = load_checkpoint(args.checkpoint)
     atomic_save(state["student"], args.output)
@@ -67,7 +78,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from fastfit.throughput import SECTIONS, profile_throughput
+    from fastfit.perf.profiler import SECTIONS, profile_throughput
 
     sections = tuple(args.sections or SECTIONS)
     unknown = [s for s in sections if s not in SECTIONS]
@@ -170,27 +181,91 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", metavar="key.path=value")
     config.set_defaults(func=cmd_config)
 
-    from fastfit.data.commands import add_data_commands
-
     add_data_commands(sub)
     return parser
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def add_data_commands(subparsers) -> None:
+    """`fastfit data check DIR [--decode] [--json F] [--workers N]` (exit 1 if bad files) and
+    `fastfit data synth DIR --n N [--classes K] [--val N] [--seed S] [--workers N]`."""
+    data = subparsers.add_parser("data", help="check a dataset for bad images, or write a synthetic one")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    check = sub.add_parser("check", help="list unreadable, non-image, truncated or corrupt images (exit 1 if any)")
+    check.add_argument("dir", help="an ImageFolder (DIR/<class>/…) or a folder of splits (DIR/train/<class>/…)")
+    check.add_argument("--decode", action="store_true", help="decode every image fully (slower; finds corrupt data)")
+    check.add_argument("--json", metavar="F", default=None, help="also write the full report as JSON to F")
+    check.add_argument("--workers", type=_positive, default=None, help="parallel workers (default: CPU count)")
+    check.set_defaults(func=cmd_data_check)
+
+    synth = sub.add_parser("synth", help="write ImageNet-like JPEGs (≈500×375, ≈80 KB) in train/ and val/")
+    synth.add_argument("dir", help="output folder (train/ and val/ are created inside)")
+    synth.add_argument("--n", type=_non_negative, required=True, help="number of training images")
+    synth.add_argument("--classes", type=_positive, default=10, help="number of classes (default 10)")
+    synth.add_argument("--val", type=_non_negative, default=None, help="number of val images (default n // 10)")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes (default 0)")
+    synth.add_argument("--workers", type=_positive, default=None, help="parallel processes (default: CPU count)")
+    synth.set_defaults(func=cmd_data_synth)
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from fastfit.data.check import check_dataset, format_report
+
+    report = check_dataset(args.dir, decode=args.decode, workers=args.workers)
+    print(format_report(report))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        print(f"report written to {path}")
+    return EXIT_BAD_FILES if report.bad else EXIT_OK
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from fastfit.data.synth import write_synthetic_imagenet
+
+    summary = write_synthetic_imagenet(
+        args.dir, n_train=args.n, n_classes=args.classes, n_val=args.val, seed=args.seed, workers=args.workers
+    )
+    print(
+        f"wrote {summary.train_files} train and {summary.val_files} val JPEGs in {args.classes} classes to "
+        f"{summary.root} ({summary.total_bytes / 1e6:.1f} MB, {summary.mean_kb:.0f} KB each on average)"
+    )
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one `fastfit` command; returns its exit code (0 ok, 2 bad input, 75 preempted, 1 failed or bad files)."""
     args = build_parser().parse_args(argv)
+    setup_logging()
+    name = " ".join(filter(None, ["fastfit", args.command, getattr(args, "data_command", None)]))
     try:
         return args.func(args)
     except FastfitError as err:
         record_error(err)
-        print(f"fastfit {args.command}: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Preempted as err:
         record_error(err)
-        print(f"fastfit {args.command}: preempted: {err}", file=sys.stderr)
+        print(f"{name}: preempted: {err}", file=sys.stderr)
         return EXIT_PREEMPTED
     except PeerFailure as err:
         # Not recorded: torchrun must report the rank that failed first, not this consequence of it.
-        print(f"fastfit {args.command}: {err}", file=sys.stderr)
+        print(f"{name}: {err}", file=sys.stderr)
         return EXIT_PEER_FAILED
 
 

@@ -16,13 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from fastfit.errors import FastfitError
+from fastfit.errors import ConfigError
 
 Auto = Literal["auto"]
-
-
-class ConfigError(FastfitError):
-    """A config file, key or value is wrong; the message names it and what is allowed."""
 
 
 @dataclass
@@ -57,7 +53,7 @@ class RecipeConfig:
 
 @dataclass
 class ModelConfig:
-    teacher: str = ""  # torchvision classifier name or a fastfit demo model; "" = no teacher
+    teacher: str = ""  # torchvision classifier name or one of fastfit's small CNNs; "" = no teacher
     teacher_weights: str = ""  # torchvision weights name (e.g. IMAGENET1K_V2) or a checkpoint path
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)
     student: str = "resnet18"
@@ -143,7 +139,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# The published recipes, applied beneath the user's file (see ../shared ANCHORS / README "Recipes").
+# The published recipes, applied beneath the user's file: MMRazor's config
+# fitnets_backbone_logits_resnet50_resnet18_8xb32_in1k, and the FitNets paper's two stages (Romero et al., ICLR 2015,
+# arXiv 1412.6550). The README's config table says where each value comes from.
 RECIPE_PRESETS: dict[str, dict[str, Any]] = {
     "mmrazor": {
         "recipe": {
@@ -345,12 +343,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def shipped_configs_dir() -> Path:
-    """The TOML recipes shipped with fastfit: package data in a wheel, configs/ in a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "configs", here.parent / "configs"):
-        if candidate.is_dir():
-            return candidate
-    raise ConfigError(f"fastfit's shipped configs are missing (looked in {here / 'configs'}); reinstall fastfit")
+    """The TOML recipes shipped with fastfit (fastfit/configs/, package data in a wheel)."""
+    folder = Path(__file__).resolve().parent / "configs"
+    if not folder.is_dir():
+        raise ConfigError(f"fastfit's shipped configs are missing (looked in {folder}); reinstall fastfit")
+    return folder
 
 
 def resolve_config_path(path: str | Path) -> Path:

@@ -5,7 +5,7 @@
 - hint_loss.py  1×1 regressor GEMM + BatchNorm + ReLU + hint loss, the regressor output never written to memory.
 
 Both are torch.library custom ops (fake + autograd registered), so torch.compile(fullgraph=True) traces them.
-This package imports nothing from fastfit's training side; fastfit.losses is the dispatch point that picks the
+This package imports nothing from fastfit's training side; fastfit.distill.losses is the dispatch point that picks the
 reference math or these ops. On a machine without CUDA they run through Triton's interpreter
 (TRITON_INTERPRET=1, set before import), which is how CI tests them.
 """

@@ -10,7 +10,7 @@ GEMM pass whose regressor output never reaches memory.
 Math, with X the (M = N·H·W, Cs) student rows, A = X Wᵀ, U the teacher rows (M, Ct). Conv bias and BatchNorm fold
 into one per-channel affine P = A·a + e:  no BN: a = 1, e = b;  running stats: a = γ/√(σ²_run + ε),
 e = β + (b − μ_run)·a;  batch stats: a = γ/√(var_A + ε), e = β − mean_A·a (b cancels), with mean_A, var_A from
-the moments of X (hint_loss_stats). Z = relu(P) (or P) is compared with U per sample (see fastfit.losses).
+the moments of X (hint_loss_stats). Z = relu(P) (or P) is compared with U per sample (see fastfit.distill.losses).
 Backward, D = dL/dP (hint_loss_tiles):  dβ = Σ_m D,  dγ = Σ_m D·x̂,  and with batch statistics
 dY = a⊙(D − Σ_m D/M − x̂⊙Σ_m D·x̂/M) = a⊙D + c1⊙(A − mean_A) − a⊙Σ_m D/M, c1 = −a·r²·Σ_m D·(A − mean_A)/M,
 so dX = dY·W and dW = dYᵀX reduce to GEMMs over D plus Cs × Cs corrections (hint_loss_grads). The conv bias gets
@@ -40,7 +40,7 @@ from .hint_loss_stats import hint_moments
 from .hint_loss_tiles import hint_backward_dp, hint_forward_sums
 
 NO_BN, BATCH_STATS, RUNNING_STATS = 0, 1, 2  # how BatchNorm normalizes
-NORM_EPS = 1e-12  # fastfit.losses._NORM_EPS: an all-zero map normalizes to zero
+NORM_EPS = 1e-12  # fastfit.distill.losses._NORM_EPS: an all-zero map normalizes to zero
 
 
 def _fp32_math(device: torch.device):

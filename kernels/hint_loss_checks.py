@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-KINDS = ("normalized_l2", "half_sq", "mse")  # = fastfit.losses.HINT_KINDS; kernels import nothing from fastfit
+KINDS = ("normalized_l2", "half_sq", "mse")  # = fastfit.distill.losses.HINT_KINDS; kernels import nothing from fastfit
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SHAPE = "nn.Sequential(Conv2d 1×1 [, BatchNorm2d] [, ReLU])"
 

@@ -1,5 +1,5 @@
 """Kernel microbenchmarks: eager PyTorch vs torch.compile of the reference vs the fused Triton op, forward and
-forward+backward, for every case in fastfit.kernel_bench (kd, hint). Prints a table and writes JSON.
+forward+backward, for every case in fastfit.perf.kernel_bench (kd, hint). Prints a table and writes JSON.
 
     python scripts/bench_kernels.py                       # all ops, default shapes (needs CUDA)
     python scripts/bench_kernels.py --ops kd --quick      # small shapes; also runs on CPU via TRITON_INTERPRET=1
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastfit.kernel_bench import run
+from fastfit.perf.kernel_bench import run
 
 
 def main(argv: list[str] | None = None) -> int:

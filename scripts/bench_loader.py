@@ -7,7 +7,7 @@ Each configuration builds the training loader exactly as a run would (random-res
 per-rank batch), pulls `--warmup` batches (pipeline start, first allocations), then times `--steps` batches
 with a device sync only at the window's edges. Batches land on the GPU when there is one (DALI 'cpu' and
 torchvision batches are copied there, as the trainer would). 'mixed' runs only with CUDA. Results: a table on
-stdout and a JSON (fastfit.benchmarking.write_results) with the environment beside the numbers.
+stdout and a JSON (fastfit.perf.measure.write_results) with the environment beside the numbers.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from fastfit.benchmarking import format_table, write_results
 from fastfit.config import DataConfig
 from fastfit.dist import DistEnv
+from fastfit.perf.measure import format_table, write_results
 
 COLUMNS = ["backend", "threads", "hw_decoder_load", "workers", "batch", "images", "seconds", "img_per_s"]
 
@@ -65,10 +65,10 @@ def build(backend: str, root: Path, batch: int, image_size: int, workers: int = 
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=loader_device)
     cfg = DataConfig(root=str(root), image_size=image_size, workers=workers)
     if backend.startswith("dali"):
-        from fastfit.data.dali import build_dali_loaders
+        from fastfit.data.dali_backend import build_dali_loaders
 
         return build_dali_loaders(cfg, env, root, batch_size=batch, seed=0, channels_last=True)[0]
-    from fastfit.data.torchvision import build_torchvision_loaders
+    from fastfit.data.torchvision_backend import build_torchvision_loaders
 
     return build_torchvision_loaders(cfg, env, root, batch_size=batch, seed=0, channels_last=True)[0]
 

@@ -1,7 +1,7 @@
 """One-shot GPU check of the DALI input path: 'mixed' (GPU) against 'cpu' on the same files, the loader contract
 on the GPU, and a throughput sweep. Writes OUT/gpu_check_dali.json and exits nonzero if a check fails.
 
-    # on a GPU machine without package access, with DALI packed by ../shared/device/pack-dali.sh:
+    # on a GPU machine without package access, with a DALI install packed as an xz tar split in DIR/p*/part.N:
     python scripts/gpu_check_dali.py --out /tmp/gpu-check --dali-parts .device-dali
     python scripts/gpu_check_dali.py --out /tmp/gpu-check --root /data/imagenet --steps 50
     python scripts/gpu_check_dali.py --out /tmp/dry --dry --synth 64      # CPU only: 'cpu' stands in for 'mixed'
@@ -32,7 +32,8 @@ PARITY_MEAN_LIMIT = 0.02  # normalized units: ≈1 grey level of 255 at std 0.22
 
 
 def ensure_dali(parts_dir: str | None) -> None:
-    """Import DALI, unpacking pack-dali.sh's parts (DIR/p*/part.N) onto sys.path first when it is not installed."""
+    """Import DALI, unpacking a packed install (an xz tar split in DIR/p*/part.N) onto sys.path first when it is not
+    installed."""
     try:
         import nvidia.dali  # noqa: F401
 
@@ -40,11 +41,11 @@ def ensure_dali(parts_dir: str | None) -> None:
     except ImportError:
         if not parts_dir:
             raise SystemExit(
-                "NVIDIA DALI is not importable; pass --dali-parts DIR (from pack-dali.sh) or pip install fastfit[dali]"
+                "NVIDIA DALI is not importable; pass --dali-parts DIR (a packed install) or pip install fastfit[dali]"
             ) from None
     parts = sorted(glob.glob(os.path.join(parts_dir, "*", "part.*")), key=lambda p: int(p.rsplit(".", 1)[1]))
     if not parts:
-        raise SystemExit(f"--dali-parts {parts_dir}: no */part.N files (pack-dali.sh writes p1/part.0, p2/part.1, …)")
+        raise SystemExit(f"--dali-parts {parts_dir}: no */part.N files (expected p1/part.0, p2/part.1, …)")
     target = Path(tempfile.mkdtemp(prefix="fastfit-dali-"))
     cat = subprocess.Popen(["cat", *parts], stdout=subprocess.PIPE)
     subprocess.run(["tar", "-xJf", "-", "-C", str(target)], stdin=cat.stdout, check=True)
@@ -68,7 +69,7 @@ def _env(device: torch.device):
 
 
 def val_parity(cfg, root: Path, batch: int, gpu: torch.device) -> dict:
-    from fastfit.data.dali import build_dali_loaders
+    from fastfit.data.dali_backend import build_dali_loaders
 
     _, gpu_val, _ = build_dali_loaders(cfg, _env(gpu), root, batch_size=batch, seed=0, channels_last=True)
     _, cpu_val, _ = build_dali_loaders(
@@ -95,7 +96,7 @@ def val_parity(cfg, root: Path, batch: int, gpu: torch.device) -> dict:
 
 
 def train_contract(cfg, root: Path, batch: int, gpu: torch.device) -> dict:
-    from fastfit.data.dali import build_dali_loaders
+    from fastfit.data.dali_backend import build_dali_loaders
 
     train, _, _ = build_dali_loaders(cfg, _env(gpu), root, batch_size=batch, seed=0, channels_last=True)
     images, labels = next(train.epoch(0))
@@ -127,7 +128,9 @@ def parser() -> argparse.ArgumentParser:
         "the per-epoch pipeline build stays a small share of each timed window), 64 with --dry",
     )
     p.add_argument("--dry", action="store_true", help="no GPU: run every code path with the 'cpu' pipeline")
-    p.add_argument("--dali-parts", default=None, help="pack-dali.sh's folder, unpacked if DALI is not installed")
+    p.add_argument(
+        "--dali-parts", default=None, help="a packed DALI install (DIR/p*/part.N), unpacked if DALI is not installed"
+    )
     p.add_argument("--batch", type=int, default=None, help="default 256 (4 with --dry)")
     p.add_argument("--image-size", type=int, default=None, help="default 224 (8 with --dry)")
     p.add_argument("--val-resize", type=int, default=None, help="default 256 (0 with --dry)")
@@ -141,8 +144,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     ensure_dali(args.dali_parts)
-    from fastfit.benchmarking import write_results
     from fastfit.config import DataConfig
+    from fastfit.perf.measure import write_results
 
     if not args.dry and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry to exercise the code paths on the CPU")

@@ -8,7 +8,7 @@
 # Each part has its own time limit, so one slow part cannot starve the rest. Copy the JSON files into
 # docs/results/ afterwards (they record the card, versions and commit).
 #
-#   OUT=/tmp/out bash scripts/gpu_session.sh                 # DALI on PYTHONPATH first, if wanted (pack-dali.sh)
+#   OUT=/tmp/out bash scripts/gpu_session.sh                 # DALI on PYTHONPATH first, if wanted
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fastfit-gpu-session}
@@ -44,7 +44,7 @@ part() {  # part NAME SECONDS COMMAND...
   if python3 -c "import nvidia.dali" 2>/dev/null; then
     part dali 100 python3 scripts/gpu_check_dali.py --root "$SYNTH" --out "$OUT"
   else
-    echo "== dali: not importable here, skipped (see ../shared/device/pack-dali.sh)"
+    echo "== dali: not importable here, skipped (put an unpacked DALI install on PYTHONPATH to include it)"
   fi
 
   # 5. Throughput of the headline recipe, every section in one run (the teacher is random: no downloads there).

@@ -1,6 +1,6 @@
 """Training entry point for torchrun:
 
-    torchrun --nproc_per_node=8 scripts/train.py --config configs/fitnets_r50_r18_in1k.toml data.root=/data/imagenet
+    torchrun --nproc_per_node=8 scripts/train.py --config fitnets_r50_r18_in1k data.root=/data/imagenet
 
 Same arguments as `fastfit train` (--config, --resume, key.path=value overrides).
 """

@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 
-from fastfit import checkpoint as ckpt
+from fastfit.engine import checkpoint as ckpt
 
 # Writes ~64 MB checkpoints (keep 2) in a loop and prints each finished global step.
 WRITER = """
 import sys, torch
-from fastfit.checkpoint import save_checkpoint
+from fastfit.engine.checkpoint import save_checkpoint
 blob = torch.arange(16 * 2**20, dtype=torch.float32)
 step = 0
 while True:

@@ -4,7 +4,8 @@ import tomllib
 
 import pytest
 
-from fastfit.config import ConfigError, config_from_dict, load_config, parse_override, shipped_configs_dir, to_toml
+from fastfit.config import config_from_dict, load_config, parse_override, shipped_configs_dir, to_toml
+from fastfit.errors import ConfigError
 
 
 def test_mmrazor_preset_is_the_published_recipe():

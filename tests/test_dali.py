@@ -16,10 +16,11 @@ pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip ins
 from constant_images import MEAN, STD, constant_split, identities  # noqa: E402
 
 from fastfit.config import DataConfig  # noqa: E402
-from fastfit.data import DataError  # noqa: E402
-from fastfit.data.dali import build_dali_loaders, dali_reason, read_file_list, require_dali  # noqa: E402
-from fastfit.data.torchvision import ShardedSampler, build_torchvision_loaders  # noqa: E402
+from fastfit.data.dali_backend import build_dali_loaders, dali_reason, read_file_list, require_dali  # noqa: E402
+from fastfit.data.samples import ShardedSampler  # noqa: E402
+from fastfit.data.torchvision_backend import build_torchvision_loaders  # noqa: E402
 from fastfit.dist import DistEnv  # noqa: E402
+from fastfit.errors import DataError  # noqa: E402
 
 SKLEARN_IMAGES = Path(__import__("sklearn.datasets").datasets.__file__).parent / "images"
 
@@ -352,7 +353,7 @@ def test_decode_failure_at_run_time_is_named_or_skipped(constant_root, monkeypat
     # one DALI reports cleanly). The loader must name it, or skip it and go on from the failing batch.
     bad = constant_root / "val" / "B" / "000_cut.jpg"
     bad.write_bytes((SKLEARN_IMAGES / "china.jpg").read_bytes()[:20_000])
-    monkeypatch.setattr("fastfit.data.dali.scan_bad_files", lambda paths, env: {})
+    monkeypatch.setattr("fastfit.data.dali_backend.scan_bad_files", lambda paths, env: {})
     _, val, _ = build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0, channels_last=True)
     with pytest.raises(DataError, match=f"cannot decode image {bad}: "):
         list(val)
@@ -368,7 +369,7 @@ def test_train_decode_failure_at_run_time_substitutes_like_torchvision(constant_
     # Full decode ("none"): a random-resized-crop ROI decode may stop before the missing part and not notice.
     bad = constant_root / "train" / "B" / "002_cut.jpg"  # listed between B/002.png and B/003.png
     bad.write_bytes((SKLEARN_IMAGES / "china.jpg").read_bytes()[:20_000])
-    monkeypatch.setattr("fastfit.data.dali.scan_bad_files", lambda paths, env: {})
+    monkeypatch.setattr("fastfit.data.dali_backend.scan_bad_files", lambda paths, env: {})
     # 22 files in batches of 2: every file is in every epoch (no tail dropped).
     train, _, _ = build_dali_loaders(
         _cfg(constant_root, augment="none"), _env(), constant_root, batch_size=2, seed=1, channels_last=True

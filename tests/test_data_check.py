@@ -1,6 +1,5 @@
 """fastfit.data.check and `fastfit data check`: which files are bad, why, and where."""
 
-import argparse
 import io
 import json
 import zlib
@@ -10,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastfit.data import DataError
+from fastfit.cli import main
 from fastfit.data.check import check_dataset, check_files, check_image_file, dataset_layout, format_report
-from fastfit.data.commands import add_data_commands
+from fastfit.errors import DataError
 
 
 def _jpeg(mode: str = "RGB", size=(40, 30)) -> bytes:
@@ -130,10 +129,7 @@ def test_layout_errors_name_the_folder(tmp_path):
 
 
 def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fastfit")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 def test_cli_check_exit_codes_and_json(tmp_path, capsys):

@@ -6,10 +6,13 @@ import shutil
 import pytest
 import torch
 
-from fastfit import checkpoint as ckpt
-from fastfit.config import ConfigError, load_config
+from fastfit.config import load_config
 from fastfit.dist import DistEnv
-from fastfit.engine import StageRunner, per_rank_batch, setup_run, train
+from fastfit.engine import checkpoint as ckpt
+from fastfit.engine.loop import train
+from fastfit.engine.setup import per_rank_batch, setup_run
+from fastfit.engine.stage_runner import StageRunner
+from fastfit.errors import ConfigError
 from fastfit.models import build_model
 
 FAST = ["data.workers=0", "run.progress=false", "run.tensorboard=false", "run.device=cpu", "run.log_interval=2"]
@@ -54,7 +57,7 @@ def test_short_real_data_training_is_far_above_chance(tmp_path):
 
 
 def test_paper_stage_one_trains_only_up_to_the_guided_layer(tmp_path):
-    run = setup_run(paper_config(tmp_path), DistEnv(0, 1, 0, torch.device("cpu")), print)
+    run = setup_run(paper_config(tmp_path), DistEnv(0, 1, 0, torch.device("cpu")))
     hint_stage = StageRunner(run, 0)
     assert hint_stage.stage.name == "hint" and hint_stage.stage.constant_lr == 0.05
     trained = {id(p) for group in hint_stage.optimizer.param_groups for p in group["params"]}
@@ -75,7 +78,7 @@ def test_paper_stage_one_trains_only_up_to_the_guided_layer(tmp_path):
 
 
 def test_weight_decay_skips_biases_and_norm_parameters(tmp_path):
-    run = setup_run(paper_config(tmp_path), DistEnv(0, 1, 0, torch.device("cpu")), print)
+    run = setup_run(paper_config(tmp_path), DistEnv(0, 1, 0, torch.device("cpu")))
     decay, no_decay = StageRunner(run, 1).optimizer.param_groups
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])

@@ -7,8 +7,8 @@ import time
 import pytest
 from tiny_runs import torchrun, write_config
 
+from fastfit.engine.faults import Fault, fault_from_env
 from fastfit.errors import FastfitError
-from fastfit.faults import Fault, fault_from_env
 
 BOUND_S = 60  # torchrun notices a failed worker within 0.1 s; the other rank lingers at most 5 s
 

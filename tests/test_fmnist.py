@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from torchvision import datasets
 
-from fastfit.data import DataError
 from fastfit.data.fmnist import CLASSES, ensure_fashion_mnist_jpegs, load_split
+from fastfit.errors import DataError
 
 
 def test_export_keeps_labels_pixels_and_counts(tmp_path):

@@ -7,8 +7,9 @@ import torch
 
 from fastfit.config import load_config
 from fastfit.dist import DistEnv
-from fastfit.distiller import StageModel, TeacherModel
-from fastfit.engine import setup_run, train
+from fastfit.distill.stage_model import StageModel, TeacherModel
+from fastfit.engine.loop import train
+from fastfit.engine.setup import setup_run
 
 pytestmark = pytest.mark.interpreter
 
@@ -31,7 +32,7 @@ CONFIG = [
 
 def test_one_step_gives_the_same_terms_and_gradients(tmp_path):
     cfg = load_config("demo_fmnist_student", [*CONFIG, f'run.output_dir="{tmp_path}"'])
-    run = setup_run(cfg, DistEnv(0, 1, 0, torch.device("cpu")), print)
+    run = setup_run(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
     images, labels = next(iter(run.data.train.epoch(0)))
     stage = run.stages[0]
     teacher_out = TeacherModel(run.teacher, cfg.recipe.hints, stage)(images)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastfit.connectors import MMRazorConnector, PaperRegressor
+from fastfit.distill.connectors import MMRazorConnector, PaperRegressor
+from fastfit.distill.losses import HINT_KINDS, HintLoss
 from fastfit.kernels import fused_connector_hint_loss, fused_hint_loss, supports_connector
-from fastfit.losses import HINT_KINDS, HintLoss
 
 # (N, Cs, Ct, H, W)
 SHAPES = {

@@ -3,7 +3,7 @@ bandwidth floor is the one the protocol promises (3·N·C·element_size + labels
 
 import torch
 
-from fastfit.kernel_bench import kd as bench_kd
+from fastfit.perf.kernel_bench import kd as bench_kd
 
 
 def test_cases_cover_the_targets():

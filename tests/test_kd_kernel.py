@@ -1,5 +1,5 @@
 """fastfit.kernels.fused_kd_loss (KD + student cross-entropy in one Triton pass) against float64 formulas written
-here, independently of fastfit.losses; on CPU through the Triton interpreter (tests/conftest.py sets it up)."""
+here, independently of fastfit.distill.losses; on CPU through the Triton interpreter (tests/conftest.py sets it up)."""
 
 import warnings
 
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import fastfit.kernels.kd_loss as kd_module
+from fastfit.distill.losses import KDLoss
 from fastfit.kernels import fused_kd_loss
-from fastfit.losses import KDLoss
 
 # (N, C): ImageNet's 1000 classes; deliberately odd; a single row of 7; more classes than a two-pass block.
 SHAPES = [(16, 1000), (37, 1003), (1, 7), (4, 5000)]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastfit.losses import HintLoss, KDLoss, hint_loss_reference, kd_loss_reference
+from fastfit.distill.losses import HintLoss, KDLoss, hint_loss_reference, kd_loss_reference
 
 SHAPES = [(8, 10), (37, 1003), (1, 7)]
 

@@ -4,10 +4,11 @@ import pytest
 import torch
 import torchvision
 
-from fastfit.connectors import MMRazorConnector, PaperRegressor, build_connector
-from fastfit.demo_models import DEMO_MODELS
-from fastfit.models import ModelError, build_model
-from fastfit.taps import LOGITS, TapError, build_extractor, check_tap_paths, infer_shapes
+from fastfit.distill.connectors import MMRazorConnector, PaperRegressor, build_connector
+from fastfit.distill.taps import LOGITS, build_extractor, check_tap_paths, infer_shapes
+from fastfit.errors import ModelError, TapError
+from fastfit.models import build_model
+from fastfit.models.small_cnns import SMALL_MODELS
 
 
 def test_resnet_taps_have_the_mmrazor_shapes_at_224():
@@ -41,7 +42,7 @@ def test_truncated_extractor_holds_only_the_layers_up_to_the_tap():
 
 
 def test_taps_keep_channels_last_and_survive_torch_compile():
-    model = DEMO_MODELS["fitnet_thin"](num_classes=10).to(memory_format=torch.channels_last).eval()
+    model = SMALL_MODELS["fitnet_thin"](num_classes=10).to(memory_format=torch.channels_last).eval()
     extractor = build_extractor(model, ["stage2"], logits=True)
     x = torch.randn(4, 3, 28, 28).to(memory_format=torch.channels_last)
     eager = extractor(x)
@@ -89,9 +90,9 @@ def test_weights_load_from_a_plain_state_dict_and_mismatches_are_named(tmp_path)
 
 def test_demo_students_have_at_least_10x_fewer_parameters_and_accept_28_and_32():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    teacher = DEMO_MODELS["wide_cnn"](num_classes=10)
+    teacher = SMALL_MODELS["wide_cnn"](num_classes=10)
     for name in ("fitnet_thin", "fitnet_thin_wide"):
-        student = DEMO_MODELS[name](num_classes=10)
+        student = SMALL_MODELS[name](num_classes=10)
         assert count(teacher) >= 10 * count(student), name
         depth = sum(isinstance(m, torch.nn.Conv2d) for m in student.modules())
         assert depth > sum(isinstance(m, torch.nn.Conv2d) for m in teacher.modules())

@@ -2,6 +2,7 @@
 the bad step change nothing (weights, momentum, BatchNorm statistics) — fp32 and fp16 + GradScaler."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -9,9 +10,10 @@ import torch
 from tiny_runs import tiny_config, torchrun, write_config
 from torch import nn
 
-from fastfit import checkpoint as ckpt
-from fastfit.engine import train
-from fastfit.nonfinite import NonFiniteError, NonFiniteGuard, prime_momentum
+from fastfit.engine import checkpoint as ckpt
+from fastfit.engine.loop import train
+from fastfit.engine.nonfinite import NonFiniteGuard, prime_momentum
+from fastfit.errors import NonFiniteError
 
 CONSTANT_LR = ["optim.warmup_epochs=0", "optim.milestones=[]", "optim.epochs=1"]
 
@@ -37,12 +39,12 @@ def test_stop_names_the_bad_terms_and_saves_nothing_after_them(tmp_path, monkeyp
         r"became NaN/Inf; nothing was saved after it\. Resume from the last "
         r"checkpoint .*or set run.nonfinite=skip",
     ):
-        train(cfg, log=lambda _m: None)
+        train(cfg)
     assert ckpt.list_checkpoints(tmp_path / "run" / "checkpoints") == []
 
 
 @pytest.mark.parametrize("amp", ["off", "fp16"])
-def test_skip_makes_the_bad_step_change_nothing(tmp_path, monkeypatch, amp):
+def test_skip_makes_the_bad_step_change_nothing(tmp_path, monkeypatch, amp, caplog):
     """Three steps with step 3's batch NaN end in exactly the state of the first two steps alone."""
     clean = tiny_config(
         tmp_path,
@@ -53,9 +55,9 @@ def test_skip_makes_the_bad_step_change_nothing(tmp_path, monkeypatch, amp):
         "run.nonfinite=skip",
         "run.max_steps_per_epoch=2",
     )
-    two = train(clean, log=lambda _m: None)
+    two = train(clean)
     monkeypatch.setenv("FASTFIT_INJECT", "nan@3")
-    messages = []
+    caplog.set_level(logging.INFO, logger="fastfit")
     three = train(
         tiny_config(
             tmp_path,
@@ -66,15 +68,15 @@ def test_skip_makes_the_bad_step_change_nothing(tmp_path, monkeypatch, amp):
             "run.nonfinite=skip",
             "run.max_steps_per_epoch=3",
         ),
-        log=messages.append,
     )
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(
         m.startswith(
-            "warning: skipped 1 step(s) with a non-finite loss or gradient in stage joint epoch 1, "
+            "skipped 1 step(s) with a non-finite loss or gradient in stage joint epoch 1, "
             "global step 3: loss (1 step), hint/stage2 (1 step), kd (1 step), ce (1 step)"
         )
-        for m in messages
-    ), messages
+        for m in warnings
+    ), warnings
     a = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints"))
     b = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "three" / "checkpoints"))
     for key in ("student", "connectors"):  # weights and BatchNorm statistics

@@ -2,6 +2,7 @@
 CMake-generated build info, and the console script."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -88,3 +89,31 @@ def test_source_checkout_without_install_imports_the_kernels(tmp_path):
         check=True,
     ).stdout.split()
     assert out == [str(ROOT / "kernels" / "__init__.py"), str(ROOT / "kernels" / "hint_loss.py")]
+
+
+def _checkout(tmp_path: Path, project_name: str | None) -> Path:
+    """A copy of fastfit/ with a foreign kernels/ beside it (and, if given, a pyproject.toml naming a project)."""
+    root = tmp_path / "checkout"
+    shutil.copytree(ROOT / "fastfit", root / "fastfit", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "kernels").mkdir()
+    (root / "kernels" / "__init__.py").write_text("raise SystemExit('a foreign kernels package was imported')\n")
+    if project_name is not None:
+        (root / "pyproject.toml").write_text(f'[project]\nname = "{project_name}"\n')
+    return root
+
+
+@pytest.mark.parametrize("project_name", [None, "kernels"])
+def test_a_kernels_folder_of_another_project_is_never_bound(tmp_path, project_name):
+    """fastfit.kernels binds only this project's kernels/: beside a folder of that name from anything else (no
+    pyproject.toml, or one naming another project, e.g. the unrelated PyPI project `kernels`) it stays missing."""
+    root = _checkout(tmp_path, project_name)
+    probe = (
+        "import fastfit\n"
+        "try:\n    import fastfit.kernels\nexcept ModuleNotFoundError as err:\n    print('missing', err.name)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), sysconfig.get_paths()["purelib"]])}
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["missing", "fastfit.kernels"]

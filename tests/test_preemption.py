@@ -7,11 +7,11 @@ import time
 import pytest
 from tiny_runs import assert_same_training_state, records, tiny_config, torchrun, write_config
 
-from fastfit import checkpoint as ckpt
 from fastfit.cli import main
-from fastfit.config import ConfigError
-from fastfit.engine import train
-from fastfit.preemption import EXIT_PREEMPTED, StopSignals
+from fastfit.engine import checkpoint as ckpt
+from fastfit.engine.loop import train
+from fastfit.engine.preemption import StopSignals
+from fastfit.errors import EXIT_PREEMPTED, ConfigError
 
 # 2 epochs × 12 steps of a global batch of 8; logs every 5 steps, so most steps agree on stop requests through the
 # asynchronous poll rather than a blocking check.

@@ -2,14 +2,15 @@
 loss, LR and λ, the BatchNorm statistics, the optimizer state and the final weights — for both recipes, mid-epoch,
 at an epoch's last step, and across the paper recipe's stage-1 → stage-2 boundary."""
 
+import logging
 import shutil
 
 import pytest
 from tiny_runs import assert_same_training_state, records, tiny_config
 
-from fastfit import checkpoint as ckpt
-from fastfit.engine import train
-from fastfit.preemption import Preempted
+from fastfit.engine import checkpoint as ckpt
+from fastfit.engine.loop import train
+from fastfit.errors import Preempted
 
 STEPS = 4  # per epoch (run.max_steps_per_epoch in tiny_runs)
 
@@ -22,7 +23,7 @@ def straight(tmp_path_factory):
     def get(recipe: str):
         if recipe not in made:
             root = tmp_path_factory.mktemp(recipe)
-            train(tiny_config(root, recipe, root / "run", "run.checkpoint_every_steps=3"), log=lambda _m: None)
+            train(tiny_config(root, recipe, root / "run", "run.checkpoint_every_steps=3"))
             made[recipe] = root / "run"
         return made[recipe]
 
@@ -42,13 +43,13 @@ def test_preempted_run_resumes_to_the_uninterrupted_run(straight, tmp_path, monk
     cfg = tiny_config(tmp_path, recipe, tmp_path / "run")
     monkeypatch.setenv("FASTFIT_INJECT", f"sigterm@{stop_at}")
     with pytest.raises(Preempted) as stopped:
-        train(cfg, log=lambda _m: None)
+        train(cfg)
     position = stopped.value.position
     assert position.global_step == stop_at and position.step == (stop_at - 1) % STEPS + 1
     assert stopped.value.checkpoint == ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert ckpt.load_checkpoint(stopped.value.checkpoint)["position"] == vars(position)
     monkeypatch.delenv("FASTFIT_INJECT")
-    train(cfg, resume="auto", log=lambda _m: None)
+    train(cfg, resume="auto")
     assert records(tmp_path / "run") == records(straight(recipe))
     assert_same_training_state(tmp_path / "run", straight(recipe))
 
@@ -66,7 +67,7 @@ def test_lr_and_lambda_sit_at_the_right_step(straight):
     assert [r["kd_weight"] for r in kd] == pytest.approx([4 - 3 * i / 8 for i in range(8)], rel=1e-6)
 
 
-def test_restart_after_a_crash_resumes_from_the_periodic_checkpoint(straight, tmp_path, monkeypatch):
+def test_restart_after_a_crash_resumes_from_the_periodic_checkpoint(straight, tmp_path, monkeypatch, caplog):
     """A process killed at step 5 (after the periodic checkpoint of step 3) and restarted by torchrun: the restart
     resumes without --resume, drops the log lines written after the checkpoint (one torn by the kill), and ends
     exactly where the uninterrupted run ends."""
@@ -80,8 +81,9 @@ def test_restart_after_a_crash_resumes_from_the_periodic_checkpoint(straight, tm
     (run / "metrics.jsonl").write_text("\n".join(lines[:6]) + '\n{"stage": "joint", "glo')
     assert ckpt.latest_checkpoint(run / "checkpoints").name == "checkpoint-0000000003.pt"
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    messages = []
-    train(tiny_config(tmp_path, "mmrazor", run), log=messages.append)
+    caplog.set_level(logging.INFO, logger="fastfit")
+    train(tiny_config(tmp_path, "mmrazor", run))
+    messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("torchrun restart 1: resuming") for m in messages), messages
     assert any("checkpoint-0000000003.pt at stage 0 epoch 0 step 3" in m for m in messages), messages
     assert records(run) == records(straight("mmrazor"))
@@ -89,12 +91,13 @@ def test_restart_after_a_crash_resumes_from_the_periodic_checkpoint(straight, tm
     assert not list((run / "checkpoints").glob(".*.tmp")), "the next save removes what a killed writer left"
 
 
-def test_a_fresh_run_sets_an_earlier_run_aside_instead_of_mixing_with_it(straight, tmp_path):
+def test_a_fresh_run_sets_an_earlier_run_aside_instead_of_mixing_with_it(straight, tmp_path, caplog):
     run = tmp_path / "run"
     shutil.copytree(straight("mmrazor"), run)
     earlier = [p.name for p in ckpt.list_checkpoints(run / "checkpoints")]
-    messages = []
-    train(tiny_config(tmp_path, "mmrazor", run), log=messages.append)
+    caplog.set_level(logging.INFO, logger="fastfit")
+    train(tiny_config(tmp_path, "mmrazor", run))
+    messages = [r.getMessage() for r in caplog.records]
     assert any("moved checkpoints.previous-1, metrics.jsonl.previous-1 aside" in m for m in messages), messages
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints.previous-1")] == earlier
     assert records(run) == records(straight("mmrazor"))  # the new log holds only the new run

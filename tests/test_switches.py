@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from fastfit.config import ConfigError, load_config
-from fastfit.engine import train
-from fastfit.runtime import compile_mode
+from fastfit.config import load_config
+from fastfit.engine.loop import train
+from fastfit.engine.runtime import compile_mode
+from fastfit.errors import ConfigError
 
 BASE = [
     "data.workers=0",
@@ -85,14 +86,15 @@ def test_cuda_graphs_need_compile_and_pick_the_graphing_mode(tmp_path):
 def test_half_precision_batches_reach_fp32_models_as_float32(tmp_path):
     # DALI on a GPU hands over float16 batches; with autocast off the trainer must widen them, not crash.
     from fastfit.dist import DistEnv
-    from fastfit.engine import StageRunner, setup_run
+    from fastfit.engine.setup import setup_run
+    from fastfit.engine.stage_runner import StageRunner
 
     cfg = load_config("demo_fmnist_student", [*BASE, *PLAIN, f'run.output_dir="{tmp_path}"'])
-    run = setup_run(cfg, DistEnv(0, 1, 0, torch.device("cpu")), print)
+    run = setup_run(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
     runner = StageRunner(run, 0)
     images, labels = next(iter(run.data.train.epoch(0)))
     reference, _ = runner.train_step(images.half().float(), labels, 0)
-    run2 = setup_run(cfg, DistEnv(0, 1, 0, torch.device("cpu")), print)
+    run2 = setup_run(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
     terms, _ = StageRunner(run2, 0).train_step(images.half(), labels, 0)
     assert terms["loss"].dtype == torch.float32
     assert terms["loss"].item() == pytest.approx(reference["loss"].item(), rel=1e-6)

@@ -1,14 +1,13 @@
 """fastfit.data.synth and `fastfit data synth`: ImageNet-like JPEG folders, deterministic by seed."""
 
-import argparse
 import io
 
 import pytest
 from PIL import Image
 
-from fastfit.data import DataError
-from fastfit.data.commands import add_data_commands
+from fastfit.cli import build_parser
 from fastfit.data.synth import SHAPES, class_name, synthetic_jpeg, write_synthetic_imagenet
+from fastfit.errors import DataError
 
 
 def _files(root):
@@ -55,9 +54,7 @@ def test_bad_counts_are_refused_with_the_values(tmp_path):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="fastfit")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return build_parser()
 
 
 def test_cli_synth(tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytest
 
 from fastfit.cli import main
 from fastfit.config import load_config
-from fastfit.throughput import SECTIONS, profile_throughput
+from fastfit.perf.profiler import SECTIONS, profile_throughput
 
 TINY = [
     "data.workers=0",
@@ -69,7 +69,7 @@ def test_profile_reports_every_section_with_ratios_and_phases(tmp_path, capsys):
 
 def test_profile_ablation_times_a_switch_that_is_on(tmp_path):
     cfg = load_config("demo_fmnist_student", [*TINY, f'run.output_dir="{tmp_path}"', "run.channels_last=true"])
-    report = profile_throughput(cfg, steps=2, warmup=1, sections=("end_to_end",), ablate=True, log=lambda _m: None)
+    report = profile_throughput(cfg, steps=2, warmup=1, sections=("end_to_end",), ablate=True)
     rows = {row["without"]: row for row in report["ablation"]}
     assert rows["channels-last"]["img_s"] > 0 and "note" not in rows["channels-last"]
     assert rows["torch.compile"]["note"] == "already off in this config on this device"

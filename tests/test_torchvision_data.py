@@ -9,9 +9,10 @@ from constant_images import MEAN, STD, constant_split, identities
 from PIL import Image
 
 from fastfit.config import DataConfig
-from fastfit.data import DataError
-from fastfit.data.torchvision import ShardedSampler, balanced_subset, build_torchvision_loaders
+from fastfit.data.samples import ShardedSampler, balanced_subset
+from fastfit.data.torchvision_backend import build_torchvision_loaders
 from fastfit.dist import DistEnv
+from fastfit.errors import DataError
 
 
 def _env(rank: int = 0, world: int = 1) -> DistEnv:

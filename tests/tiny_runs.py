@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from fastfit import checkpoint as ckpt
 from fastfit.config import Config, load_config
+from fastfit.engine import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 

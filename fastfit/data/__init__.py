@@ -19,11 +19,7 @@ import torch
 
 from fastfit.config import DataConfig
 from fastfit.dist import DistEnv
-from fastfit.errors import FastfitError
-
-
-class DataError(FastfitError):
-    """A dataset folder, file or data setting is wrong; the message names it and the fix."""
+from fastfit.errors import DataError
 
 
 class TrainLoader(Protocol):
@@ -78,7 +74,7 @@ def build_loaders(cfg: DataConfig, env: DistEnv, batch_size: int, seed: int, cha
     root = dataset_root(cfg)
     backend = resolve_backend(cfg, env)
     if backend == "dali":
-        from fastfit.data.dali import build_dali_loaders
+        from fastfit.data.dali_backend import build_dali_loaders
 
         train, val, classes = build_dali_loaders(
             cfg,
@@ -96,7 +92,7 @@ def build_loaders(cfg: DataConfig, env: DistEnv, batch_size: int, seed: int, cha
                 "data.train_list / data.val_list are read by the DALI backend only; set data.backend=dali "
                 "(pip install 'fastfit[dali]') or use the folder layout (train/<class>/…)"
             )
-        from fastfit.data.torchvision import build_torchvision_loaders
+        from fastfit.data.torchvision_backend import build_torchvision_loaders
 
         train, val, classes = build_torchvision_loaders(
             cfg, env, root, batch_size=batch_size, seed=seed, channels_last=channels_last

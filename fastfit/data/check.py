@@ -27,6 +27,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from fastfit.errors import DataError
+
 _PROCESS_THRESHOLD = 20_000  # files; below this, starting processes costs more than the GIL does
 _CHUNK = 64  # files per pool task
 _TAIL_BYTES = 1024  # an end marker within this much of the end allows for padding after it (some encoders add it)
@@ -127,8 +129,6 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 def dataset_layout(root: Path) -> dict[str, Path]:
     """split name → folder holding class folders; {"": root} when root itself is an ImageFolder."""
-    from fastfit.data import DataError
-
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist; give a folder with class folders or train/ and val/")
     subdirs = _class_dirs(root)

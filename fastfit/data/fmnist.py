@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastfit.errors import DataError
+
 PACKAGE_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
 SPLITS = {
@@ -40,8 +42,6 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
         header = handle.read(8)
         got_magic, count = struct.unpack(">II", header)
         if got_magic != magic:
-            from fastfit.data import DataError
-
             raise DataError(
                 f"{path}: not an IDX file (magic {got_magic:#x}, expected {magic:#x}); reinstall the "
                 "Debian package dataset-fashion-mnist"
@@ -54,8 +54,6 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
 
 def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 N×28×28, labels uint8 N) from the Debian package files."""
-    from fastfit.data import DataError
-
     images_name, labels_name, expected = SPLITS[split]
     folder = source_dir()
     images_path, labels_path = folder / images_name, folder / labels_name

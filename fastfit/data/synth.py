@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastfit.errors import DataError
+
 SHAPES = [((500, 375), 0.70), ((375, 500), 0.15), ((500, 333), 0.15)]  # (width, height), share
 QUALITY = 90
 _GRAIN = 12.0  # σ of the per-pixel grain in 8-bit levels; sets the file size (12 → ≈80 KB at 500×375, q 90)
@@ -97,8 +99,6 @@ def write_synthetic_imagenet(
     quality: int = QUALITY,
 ) -> SynthSummary:
     """Write `n_train` train and `n_val` (default n_train // 10) val JPEGs in `n_classes` class folders."""
-    from fastfit.data import DataError
-
     n_val = n_train // 10 if n_val is None else n_val
     if n_classes < 1 or n_train < 0 or n_val < 0:
         raise DataError(

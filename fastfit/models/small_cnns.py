@@ -69,7 +69,7 @@ class ThinDeepCNN(nn.Module):
         return self.head(x)
 
 
-DEMO_MODELS: dict[str, Callable[..., nn.Module]] = {
+SMALL_MODELS: dict[str, Callable[..., nn.Module]] = {
     "wide_cnn": WideCNN,
     "fitnet_thin": ThinDeepCNN,
     "fitnet_thin_wide": lambda **kw: ThinDeepCNN(widths=(12, 24, 24), **kw),

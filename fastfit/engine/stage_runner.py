@@ -3,7 +3,7 @@ schedule tables, the training step, and an epoch of steps with the checks, logs 
 
 from __future__ import annotations
 
-import json
+import logging
 import time
 from typing import Any
 
@@ -11,14 +11,17 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastfit.distiller import StageModel, TeacherModel
-from fastfit.faults import fault_from_env
-from fastfit.nonfinite import NonFiniteGuard, prime_momentum
-from fastfit.preemption import StopAgreement
-from fastfit.profiling import NO_TIMER, LossMeter, PhaseTimer, Throughput
-from fastfit.run_state import Position, Run, save, step_seed, stop_for_preemption
-from fastfit.runtime import build_optimizer
-from fastfit.schedules import kd_weight, learning_rate
+from fastfit.distill.stage_model import StageModel, TeacherModel
+from fastfit.engine import checkpoint as ckpt
+from fastfit.engine.faults import fault_from_env
+from fastfit.engine.meters import NO_TIMER, LossMeter, PhaseTimer, Throughput
+from fastfit.engine.nonfinite import NonFiniteGuard, prime_momentum
+from fastfit.engine.optimizer import build_optimizer
+from fastfit.engine.preemption import StopAgreement, raise_preempted
+from fastfit.engine.run_state import Position, Run, step_seed
+from fastfit.engine.schedules import kd_weight, learning_rate
+
+logger = logging.getLogger(__name__)
 
 
 class StageRunner:
@@ -65,27 +68,37 @@ class StageRunner:
         self.kd_lams = [kd_weight(kd_cfg, s / total) if kd_cfg else 0.0 for s in range(total)]  # host copy: logs
         self.kd_weights = torch.tensor(self.kd_lams, dtype=torch.float32, device=rt.device)
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        """This stage's part of a checkpoint: optimizer, GradScaler and this rank's partial loss sums (they differ
+        per rank; checkpoint.save gathers them, LossMeter.read averages them over ranks)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_stage": self.index,
+            "scaler": self.scaler.state_dict(),
+            "meters": {"interval": self.meter.state_dict(), "epoch": self.epoch_meter.state_dict()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written during this stage (or at its end). `state["meters"]` holds one entry
+        per rank of the run that wrote it; they only matter mid-epoch (an epoch's first step resets the meters)."""
         self.optimizer.load_state_dict(state["optimizer"])
         if self.run.cfg.run.nonfinite == "skip":
             for group in self.optimizer.param_groups:  # a checkpoint of a "stop" run carries fused=False
-                group["fused"], group["foreach"] = True, None
+                group["fused"] = True
+                group["foreach"] = None
         self.scaler.load_state_dict(state["scaler"])
-        if state["position"]["step"] > 0:  # mid-epoch: this rank's partial loss sums of the epoch continue
-            per_rank = state["meters"]
-            env = self.run.env
-            if len(per_rank) != env.world_size:
-                self.run.log(
-                    f"note: the checkpoint was written by {len(per_rank)} processes, this run has "
-                    f"{env.world_size}; this epoch's logged means continue from rank 0's partial sums"
-                )
-            saved = per_rank[env.rank if len(per_rank) == env.world_size else 0]
-            self.meter.load_state_dict(saved["interval"], self.run.rt.device)
-            self.epoch_meter.load_state_dict(saved["epoch"], self.run.rt.device)
-
-    def meters_state(self) -> dict[str, Any]:
-        """This rank's partial loss sums (they differ per rank; LossMeter.read averages them over ranks)."""
-        return {"interval": self.meter.state_dict(), "epoch": self.epoch_meter.state_dict()}
+        per_rank = state["meters"]
+        env = self.run.env
+        if len(per_rank) != env.world_size and state["position"]["step"] > 0:
+            logger.info(
+                "note: the checkpoint was written by %d processes, this run has %d; this epoch's logged means "
+                "continue from rank 0's partial sums",
+                len(per_rank),
+                env.world_size,
+            )
+        saved = per_rank[env.rank if len(per_rank) == env.world_size else 0]
+        self.meter.load_state_dict(saved["interval"], self.run.rt.device)
+        self.epoch_meter.load_state_dict(saved["epoch"], self.run.rt.device)
 
     @property
     def total_steps(self) -> int:
@@ -201,7 +214,6 @@ class StageRunner:
                 self._checked + 1,
                 global_step,
                 run.skipped_steps,
-                run.log,
             )
             self._checked = global_step
         if log_now:
@@ -218,21 +230,20 @@ class StageRunner:
             }
             if cfg.run.nonfinite == "skip":
                 record["skipped_steps"] = run.skipped_steps
-            self._emit(record)
+            run.metrics.emit(record)
             if bar is not None:
                 bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{record['img_s']:.0f}")
         if checkpoint_now or preempt:
-            save(run, self)
+            self.save()
         if preempt:
-            stop_for_preemption(run)
+            self.stop_for_preemption()
 
-    def _emit(self, record: dict[str, Any]) -> None:
+    def save(self) -> None:
+        """A checkpoint at the run's position (every rank calls it; rank 0 writes)."""
+        ckpt.save(self.run, self.state_dict())
+
+    def stop_for_preemption(self) -> None:
+        """After save(): wait for rank 0's checkpoint on every rank, then raise Preempted."""
         run = self.run
-        if not run.env.is_main:
-            return
-        with open(run.out / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if run.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, float):
-                    run.writer.add_scalar(f"{record['stage']}/{key}", value, record["global_step"])
+        checkpoint = ckpt.checkpoint_path(run.out / "checkpoints", run.position.global_step)
+        raise_preempted(run.env, run.signals, checkpoint, run.position)

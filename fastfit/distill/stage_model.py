@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastfit.config import Config, HintConfig
-from fastfit.connectors import build_connector
-from fastfit.losses import HintLoss, KDLoss
-from fastfit.recipes import Stage
-from fastfit.taps import LOGITS, build_extractor, check_tap_paths, infer_shapes
+from fastfit.distill.connectors import build_connector
+from fastfit.distill.losses import HintLoss, KDLoss
+from fastfit.distill.recipes import Stage
+from fastfit.distill.taps import LOGITS, build_extractor, check_tap_paths, infer_shapes
 
 
 def hint_key(index: int) -> str:

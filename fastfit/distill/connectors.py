@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastfit.taps import TapError
+from fastfit.errors import TapError
 
 
 class MMRazorConnector(nn.Sequential):

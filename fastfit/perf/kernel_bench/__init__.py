@@ -3,20 +3,23 @@
     CASES: list[dict]          real shapes (the issue's targets); QUICK_CASES: small ones for CPU smoke runs
     setup(case, device) -> Case
 
-and this runner times every provider × mode with fastfit.benchmarking.time_fn, adds bandwidth/FLOP figures
+and this runner times every provider × mode with fastfit.perf.measure.time_fn, adds bandwidth/FLOP figures
 against the roofline floor of the card, peak memory, and writes one JSON.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from fastfit.benchmarking import ceilings_for, format_table, time_fn, write_results
+from fastfit.perf.measure import ceilings_for, format_table, time_fn, write_results
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,7 +51,7 @@ def run(
         iters, warmup = min(iters, 5), min(warmup, 2)
     rows: list[dict[str, Any]] = []
     for op in ops:
-        module = importlib.import_module(f"fastfit.kernel_bench.{op}")
+        module = importlib.import_module(f"fastfit.perf.kernel_bench.{op}")
         for shape in module.QUICK_CASES if quick else module.CASES:
             case = module.setup(shape, device)
             for provider in providers:
@@ -89,7 +92,7 @@ def run(
         "peak_mb",
     ]
     printable = [{**r, "shape": "×".join(str(v) for k, v in r.items() if k in _shape_keys(r))} for r in rows]
-    print(format_table(printable, columns))
+    logger.info("%s", format_table(printable, columns))
     if json_path:
         ceil = ceilings_for(device_name)
         write_results(
@@ -105,7 +108,7 @@ def run(
                 "results": rows,
             },
         )
-        print(f"wrote {json_path}")
+        logger.info("wrote %s", json_path)
     return rows
 
 

@@ -1,9 +1,9 @@
 """The NVIDIA DALI input path: JPEG decode + augmentation on the GPU ('mixed'), or DALI's CPU pipeline without CUDA.
 
-Same contract and semantics as fastfit/data/torchvision.py, whose code it shares for listing samples (class
-index = sorted folder name, subsets) and for sharding (ShardedSampler: a permutation seeded by seed + epoch,
-the tail dropped, dealt round-robin to ranks). The host computes each rank's file order and hands it to DALI
-as a file list; the reader only reads it in order. So every epoch and every resume point (epoch, start_step)
+Same contract and semantics as the torchvision backend, with which it shares fastfit.data.samples for listing
+samples (class index = sorted folder name, subsets) and for sharding (ShardedSampler: a permutation seeded by
+seed + epoch, the tail dropped, dealt round-robin to ranks). The host computes each rank's file order and hands
+it to DALI as a file list; the reader only reads it in order. So every epoch and every resume point (epoch, start_step)
 gets exactly the samples torchvision would give, and a 2-rank run sees the global batches of a 1-rank run.
 
 Randomness of the crops and flips comes from DALI's per-sample generators, seeded from (seed, epoch, rank,
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from fastfit.config import DataConfig
-from fastfit.data.torchvision import (
+from fastfit.data.samples import (
     BadFileLog,
     ShardedSampler,
     bad_file_message,
@@ -49,14 +49,9 @@ from fastfit.data.torchvision import (
     load_image_folders,
 )
 from fastfit.dist import DistEnv
+from fastfit.errors import DataError
 
 _DECODE_CHECK_WORKERS = 16
-
-
-def _data_error(message: str):
-    from fastfit.data import DataError
-
-    return DataError(message)
 
 
 def require_dali():
@@ -65,7 +60,7 @@ def require_dali():
         import nvidia.dali
         import nvidia.dali.plugin.pytorch  # noqa: F401  (feed_ndarray)
     except ImportError as err:
-        raise _data_error(
+        raise DataError(
             "data.backend=dali needs NVIDIA DALI, which is not installed: pip install fastfit[dali] "
             "(nvidia-dali-cuda130), or set data.backend=torchvision"
         ) from err
@@ -80,7 +75,7 @@ def read_file_list(path: str | os.PathLike, root: str | os.PathLike) -> list[tup
     """
     path, root = Path(path).expanduser(), Path(root).expanduser()
     if not path.is_file():
-        raise _data_error(f"file list {path} does not exist; give a text file of 'relative/path label' lines")
+        raise DataError(f"file list {path} does not exist; give a text file of 'relative/path label' lines")
     samples = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         text = line.strip()
@@ -88,10 +83,10 @@ def read_file_list(path: str | os.PathLike, root: str | os.PathLike) -> list[tup
             continue
         parts = text.rsplit(maxsplit=1)
         if len(parts) != 2 or not parts[1].isdigit():
-            raise _data_error(f"{path} line {number}: expected 'relative/path label' with a label >= 0, got {line!r}")
+            raise DataError(f"{path} line {number}: expected 'relative/path label' with a label >= 0, got {line!r}")
         samples.append((str(root / parts[0]), int(parts[1])))
     if not samples:
-        raise _data_error(f"file list {path} has no 'relative/path label' lines")
+        raise DataError(f"file list {path} has no 'relative/path label' lines")
     return samples
 
 
@@ -111,7 +106,7 @@ def _check_paths(samples: list[tuple[str, int]]) -> None:
     # DALI's list format is one "path label" per line and strips trailing blanks: such names cannot pass through.
     for p, _ in samples:
         if "\n" in p or p != p.rstrip():
-            raise _data_error(
+            raise DataError(
                 f"file name {p!r} has a newline or trailing whitespace, which DALI's file list cannot "
                 "hold; rename the file"
             )
@@ -187,7 +182,7 @@ class _DaliLoader(BadFileLog):
             raise err  # not a file problem (e.g. out of memory): DALI's own message is the useful one
         if not self.skip_bad:
             position, reason = next(iter(found.items()))
-            raise _data_error(bad_file_message(self.samples[position][0], reason)) from err
+            raise DataError(bad_file_message(self.samples[position][0], reason)) from err
         self._bad_positions.update(found)
         self.note_bad([self.samples[p][0] for p in found])
         return found
@@ -242,7 +237,7 @@ class DaliTrainLoader(_DaliLoader):
         self.sampler = ShardedSampler(len(samples), env, seed, shuffle=True, batch_size=batch_size)
         self.steps_per_epoch = len(samples) // (batch_size * env.world_size)
         if self.steps_per_epoch == 0:
-            raise _data_error(
+            raise DataError(
                 f"the training set has {len(samples)} images, fewer than one global batch of "
                 f"{batch_size * env.world_size}; lower optim.batch_size"
             )
@@ -253,7 +248,7 @@ class DaliTrainLoader(_DaliLoader):
             candidate = (position + offset) % len(self.samples)
             if candidate not in self._bad_positions:
                 return candidate
-        raise _data_error(
+        raise DataError(
             "every training image failed to decode; check the folder with: fastfit data check DATA_ROOT --decode"
         )
 
@@ -403,7 +398,7 @@ def build_dali_loaders(
     """
     require_dali()
     if cfg.augment not in ("rrc", "pad-crop", "none"):
-        raise _data_error(
+        raise DataError(
             f"data.augment={cfg.augment!r} is not supported by the DALI backend (rrc, pad-crop, none); "
             "use data.backend=torchvision"
         )
@@ -417,14 +412,14 @@ def build_dali_loaders(
         top = max(label for _, label in train + val)
         classes = train_classes or val_classes or [str(i) for i in range(top + 1)]
         if top >= len(classes):
-            raise _data_error(
+            raise DataError(
                 f"a file list has label {top} but {root} has only {len(classes)} class folders; "
                 "labels must index the sorted class folders"
             )
     bad = scan_bad_files([p for p, _ in train + val], env)
     if bad and not cfg.skip_bad:
         path, reason = next(iter(bad.items()))
-        raise _data_error(bad_file_message(path, reason, others=len(bad) - 1))
+        raise DataError(bad_file_message(path, reason, others=len(bad) - 1))
     spec = _pipeline_spec(cfg, env, channels_last)
     return (
         DaliTrainLoader(train, spec, cfg, env, batch_size, seed, set(bad)),

@@ -1,4 +1,4 @@
-"""Teacher and student construction: torchvision classifiers or fastfit's demo models, by name, with optional
+"""Teacher and student construction: torchvision classifiers or fastfit's small CNNs, by name, with optional
 weights given as a torchvision weights name or a local checkpoint path (never downloaded by tests)."""
 
 from __future__ import annotations
@@ -11,16 +11,12 @@ import torch
 import torchvision
 from torch import nn
 
-from fastfit.demo_models import DEMO_MODELS
-from fastfit.errors import FastfitError
-
-
-class ModelError(FastfitError):
-    """A model name, weights reference or weights file is wrong."""
+from fastfit.errors import ModelError
+from fastfit.models.small_cnns import SMALL_MODELS
 
 
 def available_models() -> list[str]:
-    return sorted(DEMO_MODELS) + sorted(torchvision.models.list_models(module=torchvision.models))
+    return sorted(SMALL_MODELS) + sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def _plain_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -69,12 +65,13 @@ def build_model(
 ) -> nn.Module:
     """A classifier by name. `weights`: '' (random init), a checkpoint path, or a torchvision weights name."""
     kwargs = dict(kwargs or {})
-    if name in DEMO_MODELS:
-        model = DEMO_MODELS[name](num_classes=num_classes, **kwargs)
+    if name in SMALL_MODELS:
+        model = SMALL_MODELS[name](num_classes=num_classes, **kwargs)
         if weights:
             if not _looks_like_path(weights) and not Path(weights).exists():
                 raise ModelError(
-                    f"{role} {name!r} is a fastfit demo model: its weights must be a checkpoint path, got {weights!r}"
+                    f"{role} {name!r} is one of fastfit's small CNNs: its weights must be a checkpoint path, "
+                    f"got {weights!r}"
                 )
             load_weights(model, weights, role)
         return model
@@ -85,8 +82,8 @@ def build_model(
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ModelError(
             f"unknown model.{role} {name!r}; {hint}choose a torchvision classifier "
-            f"(torchvision.models.list_models(), {len(available_models()) - len(DEMO_MODELS)} of them) "
-            f"or a demo model ({', '.join(sorted(DEMO_MODELS))})"
+            f"(torchvision.models.list_models(), {len(available_models()) - len(SMALL_MODELS)} of them) "
+            f"or one of fastfit's small CNNs ({', '.join(sorted(SMALL_MODELS))})"
         ) from None
     if weights and not _looks_like_path(weights) and not Path(weights).exists():
         # A torchvision weights name: 'IMAGENET1K_V2' or 'ResNet50_Weights.IMAGENET1K_V2'. This downloads.

@@ -14,6 +14,7 @@ torch.profiler trace. Timed windows sync only at their edges.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,13 +22,17 @@ from typing import Any
 
 import torch
 
-from fastfit.benchmarking import environment, format_table, write_results
 from fastfit.config import Config, config_from_dict
 from fastfit.data import resolve_backend
 from fastfit.dist import DistEnv, cleanup_distributed, setup_distributed
-from fastfit.engine import Run, StageRunner, setup_run
-from fastfit.profiling import PhaseTimer
-from fastfit.runtime import resolve_runtime
+from fastfit.engine.meters import PhaseTimer
+from fastfit.engine.run_state import Run
+from fastfit.engine.runtime import resolve_runtime
+from fastfit.engine.setup import setup_run
+from fastfit.engine.stage_runner import StageRunner
+from fastfit.perf.measure import environment, format_table, write_results
+
+logger = logging.getLogger(__name__)
 
 SECTIONS = ("naive", "end_to_end", "compute_only", "teacher_only", "student_only", "loader_only")
 
@@ -94,9 +99,11 @@ class Profiler:
         steps: int,
         warmup: int,
         stage: int | None = None,
-        log: Callable[[str], None] = print,
     ):
-        self.cfg, self.env, self.steps, self.warmup, self.log = cfg, env, steps, warmup, log
+        self.cfg = cfg
+        self.env = env
+        self.steps = steps
+        self.warmup = warmup
         self.stage = stage
         self._built: tuple[Config, Run, StageRunner] | None = None
 
@@ -105,7 +112,7 @@ class Profiler:
         if self._built is not None and self._built[0] == cfg:
             return self._built[1], self._built[2]
         self._built = None  # let the previous config's modules and loaders go before building the next
-        run = setup_run(cfg, self.env, lambda _msg: None)
+        run = setup_run(cfg, self.env)
         index = len(run.stages) - 1 if self.stage is None else self.stage
         self._built = (cfg, run, StageRunner(run, index))
         return run, self._built[2]
@@ -216,11 +223,10 @@ def profile_throughput(
     trace_steps: int = 0,
     stage: int | None = None,
     json_path: str | Path | None = None,
-    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     env = setup_distributed(cfg.run.device)
     try:
-        return _profile(cfg, env, steps, warmup, sections, ablate, trace_steps, stage, json_path, log)
+        return _profile(cfg, env, steps, warmup, sections, ablate, trace_steps, stage, json_path)
     finally:
         cleanup_distributed()
 
@@ -235,9 +241,8 @@ def _profile(
     trace_steps: int,
     stage: int | None,
     json_path: str | Path | None,
-    log: Callable[[str], None],
 ) -> dict[str, Any]:
-    profiler = Profiler(cfg, env, steps, warmup, stage, log)
+    profiler = Profiler(cfg, env, steps, warmup, stage)
     measures = {
         "naive": lambda: profiler.end_to_end(with_overrides(cfg, NAIVE)),
         "end_to_end": lambda: profiler.end_to_end(cfg),
@@ -248,7 +253,7 @@ def _profile(
     }
     results: dict[str, Any] = {}
     for name in sections:
-        log(f"measuring {name} …")
+        logger.info("measuring %s …", name)
         results[name] = measures[name]()
     report: dict[str, Any] = {
         "config": cfg.to_dict(),
@@ -272,7 +277,7 @@ def _profile(
             if _effective(variant, env) == _effective(cfg, env):
                 report["ablation"].append({"without": switch, "note": "already off in this config on this device"})
                 continue
-            log(f"ablation: without {switch} …")
+            logger.info("ablation: without %s …", switch)
             report["ablation"].append({"without": switch, **profiler.end_to_end(variant)})
     if trace_steps:
         report["trace"] = str(profiler.trace(cfg, trace_steps, Path(cfg.run.output_dir) / "profile_trace"))
@@ -281,10 +286,10 @@ def _profile(
     report["compute_only_img_s"] = (results.get("compute_only") or {}).get("img_s")
     report["naive_img_s"] = naive
     if env.is_main:
-        log(format_report(report))
+        logger.info("%s", format_report(report))
         if json_path:
             write_results(json_path, report)
-            log(f"wrote {json_path}")
+            logger.info("wrote %s", json_path)
     return report
 
 

@@ -1,6 +1,7 @@
 """Checkpoints that never lose what the user had: atomic writes (temp file + fsync + rename + directory fsync),
 the last K kept, loading with weights_only=True (an untrusted file runs no code), and a check that a checkpoint
-belongs to the config it is resumed with.
+belongs to the config it is resumed with. A checkpoint is a dict of state dicts: the run's (Run.state_dict) and
+its current stage runner's (StageRunner.state_dict), with every rank's loss meters.
 
 A process killed mid-write leaves only a hidden `.checkpoint-*.tmp` file, which no lookup ever picks and the next
 save removes; the checkpoint before it stays the newest complete one."""
@@ -16,17 +17,15 @@ from typing import Any
 
 import torch
 
-from fastfit.errors import FastfitError
+from fastfit.dist import gather_to_main
+from fastfit.engine.run_state import Run
+from fastfit.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "fastfit-checkpoint-1"
 _NAME = re.compile(r"^checkpoint-(\d{10})\.pt$")
 _PARTIAL = re.compile(r"^\.checkpoint-\d{10}\.pt\..*\.tmp$")  # atomic_save's temp files for checkpoint names
 # Config sections that must match for a resume to make sense; run.* and optim.epochs may change between runs.
 _MUST_MATCH = ("model", "recipe", "data.dataset", "data.image_size", "optim.batch_size")
-
-
-class CheckpointError(FastfitError):
-    """A checkpoint is missing, unreadable or belongs to another config."""
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
@@ -118,7 +117,7 @@ def load_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, An
             raise CheckpointError(
                 f"checkpoint {path} holds Python objects beyond tensors and plain values, which "
                 "loading with weights_only=True refuses (they could run code); fastfit checkpoints "
-                "never do. If you trust its source, load it with fastfit.checkpoint.load_checkpoint("
+                "never do. If you trust its source, load it with fastfit.engine.checkpoint.load_checkpoint("
                 "path, weights_only=False) and save its tensors again"
             ) from err
         raise CheckpointError(
@@ -165,3 +164,20 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: str 
             f"checkpoint {path} comes from another config ({details}); resume with the config saved "
             "beside it (config.toml in the run folder) or start a new output_dir"
         )
+
+
+def save(run: Run, runner_state: dict[str, Any]) -> Path | None:
+    """Write a checkpoint of `run` at its position; every rank calls it (the per-rank loss meters in
+    `runner_state["meters"]` are gathered to rank 0, which writes). Returns the file on rank 0, else None."""
+    meters = gather_to_main(runner_state["meters"], run.env)
+    if not run.env.is_main:
+        return None
+    state = {**run.state_dict(), **runner_state, "meters": meters}  # meters: one entry per rank
+    return save_checkpoint(run.out / "checkpoints", state, run.cfg.run.keep_checkpoints)
+
+
+def export_student(run: Run) -> Path | None:
+    """The trained student as a plain state_dict in run.output_dir/student.pt (rank 0; None elsewhere)."""
+    if not run.env.is_main:
+        return None
+    return atomic_save(run.student.state_dict(), run.out / "student.pt")

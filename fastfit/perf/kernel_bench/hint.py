@@ -1,7 +1,7 @@
 """Hint-loss microbenchmark: MMRazor's connector (1×1 conv, BatchNorm in training mode, ReLU) + the normalized L2
 hint loss on ResNet-50 → ResNet-18 features at batch 256, bf16, channels-last.
 
-providers  eager    connector module + fastfit.losses.hint_loss_reference under bf16 autocast
+providers  eager    connector module + fastfit.distill.losses.hint_loss_reference under bf16 autocast
            compile  torch.compile of the same (inductor on CUDA; aot_eager for CPU smoke runs)
            fused    fastfit.kernels.fused_connector_hint_loss (the regressor output never reaches memory)
 modes      fwd (no autograd graph), fwd_bwd (loss.backward() into the student feature and the connector)
@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from fastfit.connectors import MMRazorConnector
-from fastfit.kernel_bench import Case
-from fastfit.losses import HintLoss
+from fastfit.distill.connectors import MMRazorConnector
+from fastfit.distill.losses import HintLoss
+from fastfit.perf.kernel_bench import Case
 
 KIND = "normalized_l2"  # the MMRazor recipe's hint loss
 CASES: list[dict[str, Any]] = [

@@ -21,33 +21,13 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Self
+from pathlib import Path
+from typing import Any, Self
 
-from fastfit.config import ConfigError
+import torch
 
-if TYPE_CHECKING:
-    import torch
-
-    from fastfit.dist import DistEnv
-
-# Importing this module does not import torch, so the CLI can catch these exceptions and still start fast.
-EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure; running the same command again continues
-
-
-class Preempted(Exception):
-    """The run stopped on a preemption signal after writing a checkpoint; resuming continues it exactly."""
-
-    def __init__(self, signal_name: str, checkpoint, position) -> None:
-        self.signal_name, self.checkpoint, self.position = signal_name, checkpoint, position
-        super().__init__(
-            f"stopped by {signal_name} after global step {position.global_step} (stage {position.stage + 1}, epoch "
-            f"{position.epoch + 1}, step {position.step}); checkpoint {checkpoint}; run the same command with "
-            "--resume auto to continue (torchrun --max-restarts does so automatically)"
-        )
-
-
-class PeerFailure(RuntimeError):
-    """This rank stopped because another process of the run failed first (its error is the one to read)."""
+from fastfit.dist import DistEnv, control_all_reduce, control_barrier
+from fastfit.errors import ConfigError, Preempted
 
 
 def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
@@ -96,13 +76,9 @@ class StopAgreement:
     """The same stop decision on every rank at the same step (see the module docstring for the protocol)."""
 
     def __init__(self, env: DistEnv, signals: StopSignals | None) -> None:
-        import torch
-
-        from fastfit.dist import control_all_reduce
-
-        self._torch, self._all_reduce = torch, control_all_reduce
-        self.env, self.signals = env, signals
-        self._pending: tuple[object, torch.Tensor] | None = None
+        self.env = env
+        self.signals = signals
+        self._pending: tuple[Any, torch.Tensor] | None = None
 
     def local(self) -> int:
         return int(self.signals is not None and self.signals.requested is not None)
@@ -120,15 +96,21 @@ class StopAgreement:
         if not self.env.distributed:
             return bool(self.local())
         decided = self._collect()
-        box = self._torch.tensor([self.local()], dtype=self._torch.int64)
-        self._pending = (self._all_reduce(box, self.env, async_op=True), box)
+        box = torch.tensor([self.local()], dtype=torch.int64)
+        self._pending = (control_all_reduce(box, self.env, async_op=True), box)
         return decided
 
     def agree(self, counts: torch.Tensor | None = None) -> tuple[bool, torch.Tensor]:
         """Blocking: (any rank asked to stop, per-entry max of `counts` over ranks). `counts`: CPU int64, 1-D."""
-        torch = self._torch
         decided = self._collect()
         counts = torch.zeros(0, dtype=torch.int64) if counts is None else counts
         box = torch.cat([torch.tensor([self.local()], dtype=torch.int64), counts.to(torch.int64)])
-        self._all_reduce(box, self.env)
+        control_all_reduce(box, self.env)
         return decided or bool(box[0]), box[1:]
+
+
+def raise_preempted(env: DistEnv, signals: StopSignals | None, checkpoint: Path, position: Any) -> None:
+    """After rank 0 saved `checkpoint` (of `position`): wait for it on every rank, then raise Preempted."""
+    control_barrier(env)  # no rank exits (and makes torchrun stop the others) before the checkpoint is written
+    name = signals.requested if signals is not None and signals.requested else "a signal to another rank"
+    raise Preempted(name, checkpoint, position)

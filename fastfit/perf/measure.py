@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-# Ceilings for roofline floors: (device-copy bandwidth in bytes/s, dense bf16 matrix FLOP/s). H200 figures are our
-# measured ones (docs/results, ANCHORS); the others are vendor peaks and say so in the JSON.
+# Ceilings for roofline floors: (HBM bandwidth in bytes/s, dense bf16 matrix FLOP/s), the vendors' data-sheet peaks
+# (no card has been measured here yet); every results JSON names its source.
 CEILINGS: dict[str, tuple[float, float, str]] = {
-    "H200": (4.3e12, 790e12, "measured"),
+    "H200": (4.8e12, 989e12, "vendor peak (SXM)"),
     "H100": (3.35e12, 989e12, "vendor peak (SXM)"),
     "A100": (2.0e12, 312e12, "vendor peak (80GB SXM)"),
 }

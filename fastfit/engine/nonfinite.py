@@ -14,18 +14,17 @@ before every checkpoint), so no checkpoint ever holds the weights of a diverged 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
-from fastfit.errors import FastfitError
+from fastfit.errors import NonFiniteError
+
+logger = logging.getLogger(__name__)
 
 APPLIED = "_applied"  # meter entry: the fraction of steps whose update was applied (skip mode)
-
-
-class NonFiniteError(FastfitError):
-    """A loss term became NaN/Inf and run.nonfinite is 'stop'."""
 
 
 def prime_momentum(optimizer: torch.optim.Optimizer) -> None:
@@ -146,7 +145,7 @@ class NonFiniteGuard:
         self.counts.zero_()
         return host
 
-    def settle(self, counts: Tensor, where: str, first_step: int, last_step: int, skipped: int, log) -> int:
+    def settle(self, counts: Tensor, where: str, first_step: int, last_step: int, skipped: int) -> int:
         """Act on the counts agreed over ranks: raise (stop), or log the skipped steps and return the run's new
         total of them (skip; `skipped` is the total before)."""
         if counts.numel() == 0 or int(counts[0]) == 0:
@@ -164,8 +163,12 @@ class NonFiniteGuard:
                 "run.nonfinite=skip to skip such steps"
             )
         skipped += int(counts[0])
-        log(
-            f"warning: skipped {int(counts[0])} step(s) with a non-finite loss or gradient in {where}, {span}: {bad} "
-            f"({skipped} skipped so far)"
+        logger.warning(
+            "skipped %d step(s) with a non-finite loss or gradient in %s, %s: %s (%d skipped so far)",
+            int(counts[0]),
+            where,
+            span,
+            bad,
+            skipped,
         )
         return skipped

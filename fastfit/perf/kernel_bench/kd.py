@@ -1,7 +1,7 @@
-"""KD loss (+ the student's cross-entropy) cases for the kernel benchmark runner (fastfit.kernel_bench).
+"""KD loss (+ the student's cross-entropy) cases for the kernel benchmark runner (fastfit.perf.kernel_bench).
 
 Providers, all computing MMRazor's KD (τ = 6, reduction "mean", × τ²) plus the student's CE on hard labels:
-  eager    fastfit.losses.kd_loss_reference + F.cross_entropy, plain PyTorch
+  eager    fastfit.distill.losses.kd_loss_reference + F.cross_entropy, plain PyTorch
   compile  torch.compile of the same function
   fused    fastfit.kernels.fused_kd_loss (one Triton pass per row)
 Modes: "fwd" is a training forward (the student requires grad, so the fused op writes its gradient), "fwd_bwd" adds
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastfit.benchmarking import ceilings_for
-from fastfit.kernel_bench import Case
-from fastfit.losses import kd_loss_reference
+from fastfit.distill.losses import kd_loss_reference
+from fastfit.perf.kernel_bench import Case
+from fastfit.perf.measure import ceilings_for
 
 CASES = [
     {"N": n, "C": c, "dtype": dtype} for n in (256, 8192) for c in (1000, 21843) for dtype in ("float32", "bfloat16")

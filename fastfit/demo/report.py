@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastfit.benchmarking import environment, format_table
+from fastfit.perf.measure import environment, format_table
 
 
 def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

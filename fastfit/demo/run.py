@@ -8,6 +8,7 @@ whole demo within 10 minutes on 2 cores. The report folder gets summary.json, re
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,10 @@ from typing import Any
 import torch
 
 from fastfit.config import load_config
-from fastfit.engine import train
-from fastfit.report import write_report
+from fastfit.demo.report import write_report
+from fastfit.engine.loop import train
+
+logger = logging.getLogger(__name__)
 
 RUNS = (
     ("teacher", "demo_fmnist_teacher"),
@@ -63,7 +66,7 @@ def run_demo(
         if role == "FitNet student":
             overrides.append(f"model.teacher_weights={_quoted(teacher_weights)}")
         cfg = load_config(config_name, [*overrides, *extra])
-        print(f"\n== {role}: {cfg.model.student} ({cfg.recipe.name}) ==", flush=True)
+        logger.info("\n== %s: %s (%s) ==", role, cfg.model.student, cfg.recipe.name)
         summary = train(cfg)
         results[role] = {"config": config_name, "overrides": overrides, **summary}
         if role == "teacher":
@@ -75,8 +78,8 @@ def run_demo(
         "runs": results,
     }
     table = write_report(out, report)
-    print("\n" + table)
-    print(f"\nreport: {out / 'report.md'}  plot: {out / 'accuracy.png'}  data: {out / 'summary.json'}")
+    logger.info("\n%s", table)
+    logger.info("\nreport: %s  plot: %s  data: %s", out / "report.md", out / "accuracy.png", out / "summary.json")
     return report
 
 

@@ -11,13 +11,9 @@ import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from fastfit.errors import FastfitError
+from fastfit.errors import TapError
 
 LOGITS = "logits"
-
-
-class TapError(FastfitError):
-    """A tap path does not exist, or the tapped shapes cannot be connected."""
 
 
 def _graph_nodes(model: nn.Module) -> list[str]:

@@ -1,0 +1,154 @@
+"""What both input backends share, so they list, subset and shard samples identically: the ImageFolder listing
+of a split (class index = sorted folder name), class-balanced subsets, the per-rank sample order (ShardedSampler),
+and the record of bad files met on the way.
+
+The torchvision backend (torchvision_backend.py) and the DALI backend (dali_backend.py) both build on this module;
+a new backend should too, so that a given (seed, epoch, rank count) yields the same samples whichever decodes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import Sampler
+from torchvision import datasets
+
+from fastfit.config import DataConfig
+from fastfit.dist import DistEnv
+from fastfit.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def check_split_dir(root: Path, split: str) -> Path:
+    path = root / split
+    if not path.is_dir():
+        raise DataError(f"dataset folder {path} does not exist; data.root must hold {split}/ with one folder per class")
+    if not any(p.is_dir() for p in path.iterdir()):
+        raise DataError(f"dataset folder {path} has no class folders; expected {split}/<class name>/<image files>")
+    return path
+
+
+def balanced_subset(targets: list[int], size: int, seed: int) -> list[int]:
+    """`size` indices taken round-robin over classes, each class in a seeded random order (fixed per seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(target, []).append(index)
+    queues = [
+        [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+        for _, members in sorted(by_class.items())
+    ]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < size and any(depth < len(q) for q in queues):
+        picked += [q[depth] for q in queues if depth < len(q)]
+        depth += 1
+    return sorted(picked[:size])
+
+
+def image_folder(root: Path, split: str) -> datasets.ImageFolder:
+    path = check_split_dir(root, split)
+    try:
+        return datasets.ImageFolder(path)
+    except FileNotFoundError as err:  # a class folder without images
+        classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+        empty = [
+            name
+            for name in classes
+            if not any(
+                datasets.folder.has_file_allowed_extension(f.name, datasets.folder.IMG_EXTENSIONS)
+                for f in (path / name).iterdir()
+            )
+        ]
+        listed = ", ".join(empty[:5]) + (f", … ({len(empty)} of {len(classes)})" if len(empty) > 5 else "")
+        raise DataError(
+            f"dataset folder {path}: class folders without images: {listed}; every class folder needs "
+            f"at least one image ({', '.join(datasets.folder.IMG_EXTENSIONS)})"
+        ) from err
+
+
+def load_image_folders(cfg: DataConfig, root: Path, seed: int):
+    """(train folder, train indices, val folder, val indices): the ImageFolder listings and the configured subsets.
+    Both backends list samples here, so class indices and subsets are identical whichever decodes them."""
+    train_folder, val_folder = image_folder(root, cfg.train_dir), image_folder(root, cfg.val_dir)
+    if train_folder.classes != val_folder.classes:
+        raise DataError(
+            f"{root}: train/ and val/ have different class folders ({len(train_folder.classes)} vs "
+            f"{len(val_folder.classes)}); they must match so labels mean the same thing"
+        )
+    train_idx = list(range(len(train_folder)))
+    if cfg.train_subset:
+        train_idx = balanced_subset(train_folder.targets, cfg.train_subset, seed)
+    val_idx = list(range(len(val_folder)))
+    if cfg.val_subset:
+        val_idx = balanced_subset(val_folder.targets, cfg.val_subset, seed)
+    return train_folder, train_idx, val_folder, val_idx
+
+
+def bad_file_message(path: str, err: object, others: int = 0) -> str:
+    more = f" (and {others} more bad files)" if others else ""
+    return (
+        f"cannot decode image {path}: {err}{more}; remove the file or set data.skip_bad=true "
+        f"(list every bad file with: fastfit data check DATA_ROOT --decode)"
+    )
+
+
+class ShardedSampler(Sampler):
+    """(epoch, index) keys for one rank: a seeded permutation per epoch (train) or the plain order (val),
+    dealt round-robin to ranks. Train drops the tail so every rank runs the same number of full batches."""
+
+    def __init__(self, size: int, env: DistEnv, seed: int, shuffle: bool, batch_size: int | None):
+        self.size, self.env, self.seed, self.shuffle, self.batch_size = size, env, seed, shuffle, batch_size
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def _rank_indices(self) -> list[int]:
+        order = self._order()
+        if self.batch_size is not None:
+            usable = len(order) // (self.batch_size * self.env.world_size) * self.batch_size * self.env.world_size
+            order = order[:usable]
+        mine = order[self.env.rank :: self.env.world_size]
+        if self.batch_size is not None:
+            mine = mine[self.start_step * self.batch_size :]
+        return mine
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(self.epoch, index) for index in self._rank_indices()])
+
+    def __len__(self) -> int:
+        return len(self._rank_indices())
+
+
+def check_start_step(start_step: int, steps_per_epoch: int) -> None:
+    if not 0 <= start_step <= steps_per_epoch:
+        raise DataError(f"start_step must be in [0, {steps_per_epoch}] (steps per epoch), got {start_step}")
+
+
+class BadFileLog:
+    """The bad files a loader met so far (each once, in order), logged when first seen."""
+
+    def __init__(self):
+        self.bad_files: list[str] = []
+        self._seen: set[str] = set()
+
+    def note_bad(self, paths) -> None:
+        for joined in paths:
+            for path in filter(None, joined.split("\n")):
+                if path not in self._seen:
+                    self._seen.add(path)
+                    self.bad_files.append(path)
+                    logger.warning(
+                        "skipping undecodable image %s (data.skip_bad=true; %d so far)", path, len(self.bad_files)
+                    )
