@@ -328,7 +328,19 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a TOML config (or only defaults when path is None) and apply dotted overrides."""
+    """The resolved config: dataclass defaults → the recipe's preset → the TOML file → dotted overrides.
+
+    Args:
+        path: a TOML file, the name of a shipped config (`fastfit config list`), or None for defaults only.
+        overrides: `key.path=value` strings; values are TOML (bare words are strings), e.g. "optim.lr=0.05".
+
+    Returns:
+        A validated Config.
+
+    Raises:
+        ConfigError: a missing file, invalid TOML, an unknown key, a wrong type or a value out of range; the
+            message names the key and what is allowed.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         path = resolve_config_path(path)

@@ -1,15 +1,14 @@
 """The built wheel: kernels/ installs as fastfit.kernels (never as top-level `kernels`), with the configs and the
 CMake-generated build info, and the console script."""
 
-import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
 import pytest
+from isolated_python import run_without_site
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,40 +53,20 @@ def test_wheel_layout_and_import_from_an_install(tmp_path):
         "import fastfit, fastfit.kernels, fastfit._build_info as b; from fastfit.config import shipped_configs_dir;"
         "print(fastfit.__file__); print(fastfit.kernels.__file__); print(shipped_configs_dir()); print(b.VERSION)"
     )
-    # -S: no site processing, so an editable install of this checkout (a .pth import hook) cannot shadow the wheel;
-    # the environment's packages (torch, triton) stay importable through PYTHONPATH.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), sysconfig.get_paths()["purelib"]])}
-    out = subprocess.run(
-        [sys.executable, "-S", "-c", probe],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout.split()
+    # Without site processing an editable install of this checkout cannot shadow the wheel.
+    result = run_without_site(["-c", probe], [site], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.split()
     assert all(line.startswith(str(site)) for line in out[:3]), out
     assert out[3] == "0.1.0"
 
 
 def test_source_checkout_without_install_imports_the_kernels(tmp_path):
-    # -S: no site processing, so the editable install's import hook is absent, as on a machine that only has
-    # the checkout on PYTHONPATH (e.g. a GPU machine without package access).
+    # As on a machine that only has the checkout on PYTHONPATH (e.g. a GPU machine without package access).
     probe = "import fastfit.kernels as k, fastfit.kernels.hint_loss as h; print(k.__file__); print(h.__file__)"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), sysconfig.get_paths()["purelib"]]),
-        "TRITON_INTERPRET": "1",
-    }
-    out = subprocess.run(
-        [sys.executable, "-S", "-c", probe],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout.split()
+    result = run_without_site(["-c", probe], [ROOT], cwd=tmp_path, env={"TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.split()
     assert out == [str(ROOT / "kernels" / "__init__.py"), str(ROOT / "kernels" / "hint_loss.py")]
 
 
@@ -111,9 +90,6 @@ def test_a_kernels_folder_of_another_project_is_never_bound(tmp_path, project_na
         "import fastfit\n"
         "try:\n    import fastfit.kernels\nexcept ModuleNotFoundError as err:\n    print('missing', err.name)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), sysconfig.get_paths()["purelib"]])}
-    result = subprocess.run(
-        [sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
+    result = run_without_site(["-c", probe], [root], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["missing", "fastfit.kernels"]

@@ -4,6 +4,7 @@ at an epoch's last step, and across the paper recipe's stage-1 → stage-2 bound
 
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 from tiny_runs import assert_same_training_state, records, tiny_config
@@ -13,6 +14,7 @@ from fastfit.engine.loop import train
 from fastfit.errors import Preempted
 
 STEPS = 4  # per epoch (run.max_steps_per_epoch in tiny_runs)
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +104,15 @@ def test_a_fresh_run_sets_an_earlier_run_aside_instead_of_mixing_with_it(straigh
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints.previous-1")] == earlier
     assert records(run) == records(straight("mmrazor"))  # the new log holds only the new run
     assert (run / "metrics.jsonl.previous-1").read_text() == (straight("mmrazor") / "metrics.jsonl").read_text()
+
+
+def test_a_checkpoint_written_by_fastfit_0_1_0_resumes_exactly(straight, tmp_path):
+    """tests/data holds a mid-epoch checkpoint (global step 3 of the tiny mmrazor run) written by fastfit 0.1.0
+    before its modules moved into packages: it still loads, and the run resumed from it ends bitwise where the
+    uninterrupted run of today's code ends."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(DATA / "checkpoint-0.1.0-mmrazor-step3.pt", run / "checkpoints" / "checkpoint-0000000003.pt")
+    train(tiny_config(tmp_path, "mmrazor", run, "run.checkpoint_every_steps=3"), resume="auto")
+    assert records(run) == [r for r in records(straight("mmrazor")) if r["global_step"] > 3]
+    assert_same_training_state(run, straight("mmrazor"))

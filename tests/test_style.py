@@ -2,14 +2,13 @@
 docs/architecture.md (layers, kernels independent of fastfit, no cycles) — and proof that each check goes red on a
 deliberate violation."""
 
-import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
+from isolated_python import run_without_site
 
 ROOT = Path(__file__).resolve().parent.parent
 LINT_IMPORTS = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
@@ -20,12 +19,8 @@ def _ruff(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _lint_imports(root: Path) -> subprocess.CompletedProcess:
-    # -S: without site processing the editable install's import hook is absent, so `fastfit` is the copy in `root`
-    # (lint-imports analyses whatever `import fastfit` finds).
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), sysconfig.get_paths()["purelib"]])}
-    return subprocess.run(
-        [sys.executable, "-S", "-c", LINT_IMPORTS], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
+    # lint-imports analyses whatever `import fastfit` finds: here, the copy in `root`.
+    return run_without_site(["-c", LINT_IMPORTS], [root], cwd=root, timeout=300)
 
 
 def _copy(tmp_path: Path) -> Path:

@@ -120,7 +120,11 @@ class _DaliLoader(BadFileLog):
     ):
         super().__init__()
         _check_paths(samples)
-        self.samples, self.spec, self.env, self.batch_size, self.skip_bad = samples, spec, env, batch_size, skip_bad
+        self.samples = samples
+        self.spec = spec
+        self.env = env
+        self.batch_size = batch_size
+        self.skip_bad = skip_bad
         self._bad_positions: set[int] = {i for i, (path, _) in enumerate(samples) if path in known_bad}
 
     def _build(self, make_pipeline, positions: list[int]):
@@ -233,7 +237,8 @@ class DaliTrainLoader(_DaliLoader):
     ):
         super().__init__(samples, spec, env, batch_size, cfg.skip_bad, known_bad)
         self.note_bad(sorted(samples[p][0] for p in self._bad_positions))
-        self.cfg, self.seed = cfg, seed
+        self.cfg = cfg
+        self.seed = seed
         self.sampler = ShardedSampler(len(samples), env, seed, shuffle=True, batch_size=batch_size)
         self.steps_per_epoch = len(samples) // (batch_size * env.world_size)
         if self.steps_per_epoch == 0:

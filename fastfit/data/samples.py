@@ -102,11 +102,17 @@ class ShardedSampler(Sampler):
     dealt round-robin to ranks. Train drops the tail so every rank runs the same number of full batches."""
 
     def __init__(self, size: int, env: DistEnv, seed: int, shuffle: bool, batch_size: int | None):
-        self.size, self.env, self.seed, self.shuffle, self.batch_size = size, env, seed, shuffle, batch_size
-        self.epoch, self.start_step = 0, 0
+        self.size = size
+        self.env = env
+        self.seed = seed
+        self.shuffle = shuffle
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.start_step = 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
+        self.epoch = epoch
+        self.start_step = start_step
 
     def _order(self) -> list[int]:
         if not self.shuffle:

@@ -79,8 +79,13 @@ class SeededImageFolder(Dataset):
         drop_bad: bool = False,
         image_size: int = 0,
     ):
-        self.folder, self.indices, self.transform, self.seed = folder, indices, transform, seed
-        self.skip_bad, self.drop_bad, self.image_size = skip_bad, drop_bad, image_size
+        self.folder = folder
+        self.indices = indices
+        self.transform = transform
+        self.seed = seed
+        self.skip_bad = skip_bad
+        self.drop_bad = drop_bad
+        self.image_size = image_size
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -121,7 +126,9 @@ class TorchvisionTrainLoader(BadFileLog):
         self, dataset: SeededImageFolder, env: DistEnv, batch_size: int, workers: int, seed: int, channels_last: bool
     ):
         super().__init__()
-        self.env, self.batch_size, self.channels_last = env, batch_size, channels_last
+        self.env = env
+        self.batch_size = batch_size
+        self.channels_last = channels_last
         self.sampler = ShardedSampler(len(dataset), env, seed, shuffle=True, batch_size=batch_size)
         self.steps_per_epoch = len(dataset) // (batch_size * env.world_size)
         if self.steps_per_epoch == 0:
@@ -151,7 +158,8 @@ class TorchvisionTrainLoader(BadFileLog):
 class TorchvisionValLoader(BadFileLog):
     def __init__(self, dataset: SeededImageFolder, env: DistEnv, batch_size: int, workers: int, channels_last: bool):
         super().__init__()
-        self.env, self.channels_last = env, channels_last
+        self.env = env
+        self.channels_last = channels_last
         sampler = ShardedSampler(len(dataset), env, seed=0, shuffle=False, batch_size=None)
         self.num_samples = self._listed = len(sampler)
         self.loader = DataLoader(

@@ -34,7 +34,22 @@ def build_connector(
     activation: str = "relu",
     where: str = "hint",
 ) -> nn.Module:
-    """A connector from a (C, H, W) student feature to a (C, H, W) teacher feature, or a TapError saying why not."""
+    """A connector (regressor) from a student feature map to a teacher feature map.
+
+    Args:
+        kind: "mmrazor" (1×1 conv without bias + BatchNorm + ReLU; equal spatial sizes) or "paper" (a k×k conv with
+            N_g − k + 1 = N_h per dimension, then `activation`).
+        student_shape: the student's per-sample (C, H, W) at the guided layer.
+        teacher_shape: the teacher's per-sample (C, H, W) at the hint layer.
+        activation: "relu" or "none", the hint layer's nonlinearity (paper regressor only).
+        where: names the hint in error messages (e.g. "recipe.hints[0] (layer3 → layer3)").
+
+    Returns:
+        An nn.Module mapping (N, Cs, Hs, Ws) to (N, Ct, Ht, Wt).
+
+    Raises:
+        TapError: the shapes are not feature maps, cannot be connected by `kind`, or `kind` is unknown.
+    """
     if len(student_shape) != 3 or len(teacher_shape) != 3:
         raise TapError(
             f"{where}: hints need (C, H, W) feature maps, got student {student_shape} and teacher "

@@ -74,7 +74,20 @@ def kd_loss_reference(
 class KDLoss(nn.Module):
     """Temperature KD, optionally with the student's cross-entropy on hard labels from the same logits.
 
-    Returns (kd, ce); ce is None without labels. With fused=True both come from one Triton pass over each row.
+    Args:
+        temperature: τ > 0; both distributions are softmax(logits / τ).
+        reduction: "batchmean" (÷N), "mean" (÷N·C, MMRazor) or "sum".
+        tau_squared: multiply by τ² (Hinton's gradient scaling; the FitNets paper's form has none).
+        form: "kl" (KL(P_T ‖ P_S)) or "ce" (the paper's H(P_T^τ, P_S^τ); same gradient, differs by P_T's entropy).
+        label_smoothing: for the cross-entropy on hard labels.
+        fused: compute both from one Triton pass per row (fastfit.kernels.fused_kd_loss); needs CUDA or
+            TRITON_INTERPRET=1.
+
+    Forward: (student_logits (N, C), teacher_logits (N, C), labels (N,) int64 or None) → (kd, ce), scalar fp32
+    tensors; ce is None without labels. The teacher's logits are detached.
+
+    Raises:
+        ValueError: an unknown reduction or form, or (from forward) logits of different or non-(N, C) shapes.
     """
 
     def __init__(
@@ -91,8 +104,12 @@ class KDLoss(nn.Module):
             raise ValueError(
                 f"expected reduction in {KD_REDUCTIONS} and form in {KD_FORMS}, got {reduction!r}, {form!r}"
             )
-        self.temperature, self.reduction, self.tau_squared, self.form = temperature, reduction, tau_squared, form
-        self.label_smoothing, self.fused = label_smoothing, fused
+        self.temperature = temperature
+        self.reduction = reduction
+        self.tau_squared = tau_squared
+        self.form = form
+        self.label_smoothing = label_smoothing
+        self.fused = fused
         if fused:
             from fastfit.kernels import fused_kd_loss  # imported only when asked: it pulls in Triton
 
@@ -126,13 +143,28 @@ class KDLoss(nn.Module):
 
 
 class HintLoss(nn.Module):
-    """Connector + hint loss. With fused=True (and a 1×1 connector) the regressor output never reaches memory."""
+    """Connector (regressor) + hint loss. With fused=True (and a 1×1 connector) the regressor output never reaches
+    memory.
+
+    Args:
+        connector: maps the student's guided-layer feature onto the teacher's hint shape (build_connector).
+        kind: "normalized_l2" (MMRazor), "half_sq" (the paper's ½‖·‖²) or "mse" (see the module docstring).
+        fused: use fastfit.kernels.fused_connector_hint_loss (a 1×1 conv [+ BatchNorm2d] [+ ReLU] connector only).
+
+    Forward: (student_feature (N, Cs, H, W), teacher_feature (N, Ct, H', W')) → the scalar fp32 loss; the teacher
+    feature is detached; BatchNorm running statistics update in training mode as the connector's own forward would.
+
+    Raises:
+        ValueError: an unknown kind, a connector the fused op cannot take, or mismatched shapes in forward.
+    """
 
     def __init__(self, connector: nn.Module, kind: str, fused: bool = False):
         super().__init__()
         if kind not in HINT_KINDS:
             raise ValueError(f"expected hint loss kind in {HINT_KINDS}, got {kind!r}")
-        self.connector, self.kind, self.fused = connector, kind, fused
+        self.connector = connector
+        self.kind = kind
+        self.fused = fused
         if fused:
             from fastfit.kernels import (
                 fused_connector_hint_loss,

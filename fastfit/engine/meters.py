@@ -36,7 +36,8 @@ class LossMeter:
         # Deliberate sync: one transfer of all terms at a log interval, not one per step.
         values = values.tolist()
         if reset:
-            self._sums, self._count = {}, 0
+            self._sums = {}
+            self._count = 0
         return dict(zip(names, values, strict=True))
 
     def state_dict(self) -> dict:
@@ -67,7 +68,8 @@ class Throughput:
         elapsed = now - self._start
         value = self._images / elapsed if elapsed > 0 else 0.0
         self.total_seconds += elapsed
-        self._images, self._start = 0, now
+        self._images = 0
+        self._start = now
         return value
 
 
@@ -76,7 +78,8 @@ class PhaseTimer:
     and an NVTX range per phase so Nsight Systems shows the same names. Disabled, every call is a no-op."""
 
     def __init__(self, device: torch.device, enabled: bool = True):
-        self.device, self.enabled = device, enabled
+        self.device = device
+        self.enabled = enabled
         self._cuda = device.type == "cuda"
         self._events: dict[str, list] = {}
 

@@ -69,7 +69,9 @@ class NonFiniteGuard:
     """Per-step non-finite bookkeeping for one stage: observe → (backward) → step → meter_terms."""
 
     def __init__(self, mode: str, fp16: bool, device: torch.device, modules: Iterable[nn.Module]) -> None:
-        self.mode, self.fp16, self.device = mode, fp16, device
+        self.mode = mode
+        self.fp16 = fp16
+        self.device = device
         self.names: list[str] = []
         self.counts: Tensor | None = None  # [steps with anything non-finite, one per term…, gradients (skip)]
         self._bad: Tensor | None = None

@@ -29,7 +29,9 @@ class StageRunner:
 
     def __init__(self, run: Run, index: int):
         cfg, rt = run.cfg, run.rt
-        self.run, self.index, self.stage = run, index, run.stages[index]
+        self.run = run
+        self.index = index
+        self.stage = run.stages[index]
         self.model = StageModel(
             cfg, self.stage, run.student, run.connectors, fused_kd=rt.fused_kernels, fused_hint=rt.fused_kernels
         )
@@ -43,7 +45,8 @@ class StageRunner:
         self.guard = NonFiniteGuard(cfg.run.nonfinite, rt.fp16, rt.device, [run.student, run.connectors])
         self.agreement = StopAgreement(run.env, run.signals)
         self.fault = fault_from_env(run.env.rank)
-        self.meter, self.epoch_meter = LossMeter(), LossMeter()
+        self.meter = LossMeter()
+        self.epoch_meter = LossMeter()
         self._checked = 0  # global step of the last non-finite check
         wrapped: nn.Module = self.model
         if run.env.distributed:
@@ -141,7 +144,8 @@ class StageRunner:
         run, cfg, rt = self.run, self.run.cfg, self.run.rt
         self.model.train()
         if start_step == 0:
-            self.meter, self.epoch_meter = LossMeter(), LossMeter()
+            self.meter = LossMeter()
+            self.epoch_meter = LossMeter()
         self._checked = run.position.global_step
         speed = Throughput()
         global_batch = run.data.train.batch_size * run.env.world_size

@@ -33,6 +33,7 @@ def _plain_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, weights: str, role: str) -> None:
+    """Load a weights file into `model` (strictly); a ModelError names what is missing or does not fit."""
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ModelError(
@@ -63,7 +64,22 @@ def _looks_like_path(weights: str) -> bool:
 def build_model(
     name: str, num_classes: int, weights: str = "", kwargs: dict[str, Any] | None = None, role: str = "student"
 ) -> nn.Module:
-    """A classifier by name. `weights`: '' (random init), a checkpoint path, or a torchvision weights name."""
+    """A classifier by name.
+
+    Args:
+        name: a torchvision classifier (torchvision.models.list_models()) or one of fastfit's small CNNs.
+        num_classes: the classifier's outputs (must match the weights' classes when weights are given).
+        weights: "" (random initialization), a local file (a fastfit checkpoint, an exported student or a plain
+            state_dict), or a torchvision weights name such as "IMAGENET1K_V2" (this downloads).
+        kwargs: extra arguments for the model's constructor.
+        role: "student" or "teacher", for messages.
+
+    Returns:
+        The model, in training mode, on the CPU.
+
+    Raises:
+        ModelError: an unknown name or weights name, a missing file, or weights that do not fit the model.
+    """
     kwargs = dict(kwargs or {})
     if name in SMALL_MODELS:
         model = SMALL_MODELS[name](num_classes=num_classes, **kwargs)
