@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastfit.console import setup_logging
 from fastfit.perf.kernel_bench import run
 
 
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--json", default="docs/results/bench_kernels.json", help="where to write the results")
     args = parser.parse_args(argv)
+    setup_logging()
     run(
         ops=args.ops,
         providers=args.providers,

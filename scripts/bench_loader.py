@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fastfit.config import DataConfig
+from fastfit.console import setup_logging
 from fastfit.dist import DistEnv
 from fastfit.perf.measure import format_table, write_results
 
@@ -167,6 +168,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parser().parse_args(argv)
+    setup_logging()
     root = dataset(args)
     backends = [b for b in args.backends.split(",") if b]
     unknown = sorted(set(backends) - {"dali-mixed", "dali-cpu", "torchvision"})

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from fastfit.console import setup_logging
+
 PARITY_MEAN_LIMIT = 0.02  # normalized units: ≈1 grey level of 255 at std 0.225
 
 
@@ -143,6 +145,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    setup_logging()
     ensure_dali(args.dali_parts)
     from fastfit.config import DataConfig
     from fastfit.perf.measure import write_results
