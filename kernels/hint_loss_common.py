@@ -22,6 +22,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # BLOCK_K, GROUP_M, warps and stages: every program writes its own slots and reruns during tuning are harmless.
 TILE_16BIT, TILE_FP32 = (128, 128), (64, 64)
 STATS_ROWS, STATS_COLS = 64, 64  # Gram and column-sum tiles (small GEMMs, many programs)
+SMALL_GEMM_TILE, SMALL_GEMM_K = 64, 32  # the Cs × Cs and Ct × Cs fp32 products of BatchNorm (3×TF32)
 INTERPRET_TILE, INTERPRET_K = 32, 16  # tiny tiles so the small test shapes still span several programs
 TARGET_PROGRAMS_PER_SM = 2  # split-K programs for the reductions over M (Gram, dW)
 MAX_PARTIAL_ELEMENTS = 1 << 24  # 64 MiB of fp32 partial sums at most for a split-K reduction
@@ -56,10 +57,11 @@ def fixed_meta() -> dict[str, int]:
     return {"BLOCK_K": INTERPRET_K, "GROUP_M": 2} if INTERPRET else {}
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    # fp32 features get exact IEEE dots; fp16 backward operands are upcast to fp32 (see hint_loss_grads) and TF32
-    # keeps fp16's 10-bit mantissa with fp32's range; 16-bit tensor-core dots ignore the setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def mma_mode(dtype: torch.dtype) -> str:
+    """How a GEMM whose operands are `dtype` (or fp32 built from them) runs on tensor cores: "bf16"/"fp16" feed
+    16-bit operands to the MMA; "tf32x3" splits each fp32 operand into a TF32 head and tail and sums three TF32
+    MMAs (about 22 significant bits, so fp32-accurate products on tensor cores; plain TF32 keeps only 11)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "tf32x3")
 
 
 def split_rows(m: int, tiles: int, block_rows: int, partial_elements_per_split: int, device: torch.device) -> int:
@@ -90,6 +92,39 @@ def check_runnable(tensor: torch.Tensor, name: str) -> None:
         f"expected {name} on a CUDA device (or TRITON_INTERPRET=1 set before triton is imported, to run "
         f"the kernels on the CPU through Triton's interpreter), got a tensor on {tensor.device}"
     )
+
+
+@triton.jit
+def _round_tf32(x):
+    # fp32 → the nearest TF32 value (10 explicit mantissa bits, ties away from zero), kept in fp32: cvt.rna.tf32.f32.
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def mma(a, b, acc, MODE: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + a·b with the GPU's operand rounding on every path (see mma_mode). On the GPU the operands go to the
+    tensor cores as MODE says. Under the interpreter (EMULATE) the same roundings are applied explicitly and the
+    products run in fp32, where they are exact: the interpreter's own 16-bit dot is wrong and it ignores TF32."""
+    if MODE == "tf32x3":
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        if EMULATE:
+            a_hi = _round_tf32(a)
+            b_hi = _round_tf32(b)
+            a_lo = _round_tf32(a - a_hi)
+            b_lo = _round_tf32(b - b_hi)
+            acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
+            acc = tl.dot(a_hi, b_lo, acc, input_precision="ieee")
+            return tl.dot(a_hi, b_hi, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        op_ty: tl.constexpr = tl.bfloat16 if MODE == "bf16" else tl.float16
+        if EMULATE:
+            return tl.dot(a.to(op_ty).to(tl.float32), b.to(op_ty).to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a.to(op_ty), b.to(op_ty), acc)
 
 
 @triton.jit

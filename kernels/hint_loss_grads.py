@@ -18,9 +18,10 @@ from torch import Tensor
 
 from .hint_loss_common import (
     INTERPRET,
-    dot_precision,
     fixed_meta,
     grouped_tile,
+    mma,
+    mma_mode,
     needs_int64,
     output_tile,
     row_offsets,
@@ -58,22 +59,21 @@ def _hint_dx_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     BATCH_STATS: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    MODE: tl.constexpr,
+    EMULATE: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     # dX tile (BLOCK_M rows, BLOCK_N student channels). Reads BLOCK_M×Ct of D, Ct×BLOCK_N of Wa (+ BLOCK_M×Cs of X,
     # Cs×BLOCK_N of G1 with batch statistics); writes BLOCK_M×BLOCK_N of dS in the student's layout.
     # Whole op: 2·M·Ct·Cs FLOPs (+ 2·M·Cs² with batch statistics); D read Cs/BLOCK_N times (L2), dS written once.
     _, pid_m, pid_n, rows, cols, rows_ok, cols_ok = output_tile(M, CS, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
-    op_ty = tl.float32 if DOT_F32 else d_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c0 in range(0, CT, BLOCK_K):
         cs = widen(c0 + tl.arange(0, BLOCK_K), INDEX_64)
         c_ok = cs < CT
         d = tl.load(d_ptr + rows[:, None] * CT + cs[None, :], mask=rows_ok[:, None] & c_ok[None, :], other=0.0)
         wa = tl.load(wa_ptr + cs[:, None] * CS + cols[None, :], mask=c_ok[:, None] & cols_ok[None, :], other=0.0)
-        acc = tl.dot(d.to(op_ty), wa.to(op_ty), acc, input_precision=PRECISION)
+        acc = mma(d, wa, acc, MODE, EMULATE)
     if BATCH_STATS:
         s_rows = row_offsets(rows, HW, W, s_sn, s_sh, s_sw)
         for j0 in range(0, CS, BLOCK_K):
@@ -84,7 +84,7 @@ def _hint_dx_kernel(
             mu = tl.load(mean_ptr + js, mask=j_ok, other=0.0)
             x = tl.where(xm, x.to(tl.float32) - mu[None, :], 0.0)
             g1 = tl.load(g1_ptr + js[:, None] * CS + cols[None, :], mask=j_ok[:, None] & cols_ok[None, :], other=0.0)
-            acc = tl.dot(x.to(op_ty), g1.to(op_ty), acc, input_precision=PRECISION)
+            acc = mma(x, g1, acc, MODE, EMULATE)
         acc += tl.load(g0_ptr + cols, mask=cols_ok, other=0.0)[None, :]
     o_rows = row_offsets(rows, HW, W, o_sn, o_sh, o_sw)
     tl.store(
@@ -113,8 +113,8 @@ def _hint_dw_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    MODE: tl.constexpr,
+    EMULATE: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     # part[s] tile (BLOCK_M regressor channels, BLOCK_N student channels) = Σ_{m in split s} D[m, c]·X[m, k].
@@ -127,7 +127,6 @@ def _hint_dw_kernel(
     cs = pid_c * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     cs_ok, ks_ok = cs < CT, ks < CS
-    op_ty = tl.float32 if DOT_F32 else d_ptr.dtype.element_ty
     start = pid_s * ROWS_PER_PROG
     end = tl.minimum(start + ROWS_PER_PROG, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -137,16 +136,12 @@ def _hint_dw_kernel(
         d = tl.load(d_ptr + rows[:, None] * CT + cs[None, :], mask=r_ok[:, None] & cs_ok[None, :], other=0.0)
         s_rows = row_offsets(rows, HW, W, s_sn, s_sh, s_sw)
         x = tl.load(s_ptr + s_rows[:, None] + ks[None, :] * s_sc, mask=r_ok[:, None] & ks_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(d.to(op_ty)), x.to(op_ty), acc, input_precision=PRECISION)
+        acc = mma(tl.trans(d), x, acc, MODE, EMULATE)
     tl.store(part_ptr + pid_s * CT * CS + cs[:, None] * CS + ks[None, :], acc, mask=cs_ok[:, None] & ks_ok[None, :])
 
 
 _hint_dx = tuned(_hint_dx_kernel)
 _hint_dw = tuned(_hint_dw_kernel)
-
-
-def _dot_f32(d: Tensor) -> bool:
-    return INTERPRET or d.dtype == torch.float32
 
 
 def hint_grad_student(
@@ -179,8 +174,8 @@ def hint_grad_student(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BATCH_STATS=batch_stats,
-        DOT_F32=_dot_f32(d),
-        PRECISION=dot_precision(student.dtype),
+        MODE=mma_mode(d.dtype),
+        EMULATE=INTERPRET,
         INDEX_64=needs_int64(d, student, grad),
         **fixed_meta(),
     )
@@ -209,8 +204,8 @@ def hint_dt_x(d: Tensor, student: Tensor) -> Tensor:
         rows,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        DOT_F32=_dot_f32(d),
-        PRECISION=dot_precision(student.dtype),
+        MODE=mma_mode(d.dtype),
+        EMULATE=INTERPRET,
         INDEX_64=needs_int64(d, student, part),
         **fixed_meta(),
     )

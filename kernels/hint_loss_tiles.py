@@ -17,8 +17,9 @@ from torch import Tensor
 from .hint_loss_common import (
     INTERPRET,
     check_runnable,
-    dot_precision,
     fixed_meta,
+    mma,
+    mma_mode,
     needs_int64,
     output_tile,
     row_offsets,
@@ -43,8 +44,8 @@ def _regress_tile(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    MODE: tl.constexpr,
+    EMULATE: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -57,10 +58,7 @@ def _regress_tile(
             mask=k_ok[:, None] & cols_ok[None, :],
             other=0.0,
         )
-        if DOT_F32:  # the interpreter's bf16 dot is wrong: upcast there (and for fp32 inputs it is a no-op)
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        acc = mma(x, w, acc, MODE, EMULATE)
     return acc
 
 
@@ -90,8 +88,8 @@ def _tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    MODE: tl.constexpr,
+    EMULATE: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     """This program's output tile, shared by both kernels: A = X Wᵀ, P = A·scale + shift and the teacher tile U."""
@@ -111,8 +109,8 @@ def _tile(
         BLOCK_M,
         BLOCK_N,
         BLOCK_K,
-        DOT_F32,
-        PRECISION,
+        MODE,
+        EMULATE,
         INDEX_64,
     )
     scale = tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)
@@ -153,8 +151,8 @@ def _hint_fwd_kernel(
     GROUP_M: tl.constexpr,
     RELU: tl.constexpr,
     NORMALIZED: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    MODE: tl.constexpr,
+    EMULATE: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     # Loss sums per row m of this tile's channel block j (part has shape (R, num_n, M), fp32):
@@ -187,8 +185,8 @@ def _hint_fwd_kernel(
         BLOCK_N,
         BLOCK_K,
         GROUP_M,
-        DOT_F32,
-        PRECISION,
+        MODE,
+        EMULATE,
         INDEX_64,
     )
     z = p
@@ -239,8 +237,8 @@ def _hint_bwd_dp_kernel(
     GROUP_M: tl.constexpr,
     RELU: tl.constexpr,
     SUMS: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    MODE: tl.constexpr,
+    EMULATE: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     # Gradient of the loss at P (before ReLU), per sample n = m // (H·W) with coefficients from the forward sums:
@@ -274,8 +272,8 @@ def _hint_bwd_dp_kernel(
         BLOCK_N,
         BLOCK_K,
         GROUP_M,
-        DOT_F32,
-        PRECISION,
+        MODE,
+        EMULATE,
         INDEX_64,
     )
     z = p
@@ -344,8 +342,8 @@ def hint_forward_sums(
         BLOCK_N=block_n,
         RELU=relu,
         NORMALIZED=normalized,
-        DOT_F32=INTERPRET or student.dtype == torch.float32,
-        PRECISION=dot_precision(student.dtype),
+        MODE=mma_mode(student.dtype),
+        EMULATE=INTERPRET,
         INDEX_64=needs_int64(student, teacher, part),
         **fixed_meta(),
     )
@@ -390,8 +388,8 @@ def hint_backward_dp(
         BLOCK_N=block_n,
         RELU=relu,
         SUMS=sums,
-        DOT_F32=INTERPRET or student.dtype == torch.float32,
-        PRECISION=dot_precision(student.dtype),
+        MODE=mma_mode(student.dtype),
+        EMULATE=INTERPRET,
         INDEX_64=needs_int64(student, teacher, d, part),
         **fixed_meta(),
     )
