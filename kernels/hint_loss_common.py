@@ -95,39 +95,6 @@ def check_runnable(tensor: torch.Tensor, name: str) -> None:
 
 
 @triton.jit
-def _round_tf32(x):
-    # fp32 → the nearest TF32 value (10 explicit mantissa bits, ties away from zero), kept in fp32: cvt.rna.tf32.f32.
-    bits = x.to(tl.uint32, bitcast=True)
-    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def mma(a, b, acc, MODE: tl.constexpr, EMULATE: tl.constexpr):
-    """acc + a·b with the GPU's operand rounding on every path (see mma_mode). On the GPU the operands go to the
-    tensor cores as MODE says. Under the interpreter (EMULATE) the same roundings are applied explicitly and the
-    products run in fp32, where they are exact: the interpreter's own 16-bit dot is wrong and it ignores TF32."""
-    if MODE == "tf32x3":
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-        if EMULATE:
-            a_hi = _round_tf32(a)
-            b_hi = _round_tf32(b)
-            a_lo = _round_tf32(a - a_hi)
-            b_lo = _round_tf32(b - b_hi)
-            acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
-            acc = tl.dot(a_hi, b_lo, acc, input_precision="ieee")
-            return tl.dot(a_hi, b_hi, acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b, acc, input_precision="tf32x3")
-    else:
-        op_ty: tl.constexpr = tl.bfloat16 if MODE == "bf16" else tl.float16
-        if EMULATE:
-            return tl.dot(a.to(op_ty).to(tl.float32), b.to(op_ty).to(tl.float32), acc, input_precision="ieee")
-        else:
-            return tl.dot(a.to(op_ty), b.to(op_ty), acc)
-
-
-@triton.jit
 def row_offsets(rows, HW, W, stride_n, stride_h, stride_w):
     """Element offsets of feature-map rows m = (n·H + h)·W + w (offsets in the rows' integer type)."""
     n = rows // HW

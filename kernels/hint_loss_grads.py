@@ -20,7 +20,6 @@ from .hint_loss_common import (
     INTERPRET,
     fixed_meta,
     grouped_tile,
-    mma,
     mma_mode,
     needs_int64,
     output_tile,
@@ -30,6 +29,7 @@ from .hint_loss_common import (
     tuned,
     widen,
 )
+from .rounding import cast, mma
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def _hint_dx_kernel(
     o_rows = row_offsets(rows, HW, W, o_sn, o_sh, o_sw)
     tl.store(
         ds_ptr + o_rows[:, None] + cols[None, :] * o_sc,
-        acc.to(ds_ptr.dtype.element_ty),
+        cast(acc, ds_ptr.dtype.element_ty, EMULATE),
         mask=rows_ok[:, None] & cols_ok[None, :],
     )
 

@@ -24,12 +24,12 @@ from .hint_loss_common import (
     STATS_COLS,
     STATS_ROWS,
     check_runnable,
-    mma,
     needs_int64,
     row_offsets,
     split_rows,
     widen,
 )
+from .rounding import mma
 
 
 @triton.jit

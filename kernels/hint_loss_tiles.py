@@ -18,7 +18,6 @@ from .hint_loss_common import (
     INTERPRET,
     check_runnable,
     fixed_meta,
-    mma,
     mma_mode,
     needs_int64,
     output_tile,
@@ -27,6 +26,7 @@ from .hint_loss_common import (
     tuned,
     widen,
 )
+from .rounding import cast, mma
 
 
 @triton.jit
@@ -286,7 +286,7 @@ def _hint_bwd_dp_kernel(
     if RELU:
         dp = tl.where(p > 0.0, dp, 0.0)
     # Padded rows load α = β = 0 and padded columns have Z = U = 0, so dP is already 0 there for the column sums.
-    tl.store(d_ptr + rows[:, None] * CT + cols[None, :], dp.to(d_ptr.dtype.element_ty), mask=ok)
+    tl.store(d_ptr + rows[:, None] * CT + cols[None, :], cast(dp, d_ptr.dtype.element_ty, EMULATE), mask=ok)
     if SUMS:
         center = tl.load(center_ptr + cols, mask=cols_ok, other=0.0)
         tl.store(part_ptr + pid_m * CT + cols, tl.sum(dp, axis=0), mask=cols_ok)

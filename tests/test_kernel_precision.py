@@ -14,7 +14,7 @@ import fastfit.kernels.hint_loss_stats as stats
 from fastfit.distill.connectors import MMRazorConnector
 from fastfit.kernels import fused_connector_hint_loss
 from fastfit.kernels.hint_loss import regressor_stats
-from fastfit.kernels.hint_loss_common import _round_tf32, mma
+from fastfit.kernels.rounding import cast, mma, round_tf32
 
 pytestmark = pytest.mark.interpreter
 
@@ -80,7 +80,7 @@ def test_tf32_rounding_matches_the_hardware_conversion():
     @triton.jit
     def kernel(x_ptr, y_ptr):
         offs = tl.arange(0, 8)
-        tl.store(y_ptr + offs, _round_tf32(tl.load(x_ptr + offs)))
+        tl.store(y_ptr + offs, round_tf32(tl.load(x_ptr + offs)))
 
     one_ulp = 2.0**-10  # in [1, 2); in [2, 4) it is twice that
     x = torch.tensor(
@@ -145,3 +145,17 @@ def test_no_fp32_torch_matmul_inside_the_hint_op():
     with _MatmulDtypes() as mode:
         fused_connector_hint_loss(connector, s, t, "normalized_l2").backward()
     assert [seen for seen in mode.seen if seen[1] == torch.float32] == []
+
+
+def test_bf16_cast_rounds_to_nearest_even_like_the_gpu():
+    # The interpreter's own fp32 → bf16 cast truncates; the GPU (cvt.rn.bf16.f32) rounds to nearest even.
+    @triton.jit
+    def kernel(x_ptr, y_ptr):
+        offs = tl.arange(0, 8)
+        tl.store(y_ptr + offs, cast(tl.load(x_ptr + offs), tl.bfloat16, True))
+
+    x = torch.tensor([1 + 2**-8 + 2**-12, 1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8 + 2**-12), 3.3, 0.1, 7.77, 0.0])
+    y = torch.empty(8, dtype=torch.bfloat16)
+    kernel[(1,)](x, y)
+    assert torch.equal(y, x.to(torch.bfloat16))  # torch rounds to nearest even
+    assert not torch.equal(y[:1], torch.tensor([1.0], dtype=torch.bfloat16))  # truncation would give 1.0
