@@ -151,7 +151,7 @@ def hint_grad_student(
     n, cs, h, w = student.shape
     m, ct = d.shape
     grad = torch.empty_like(student)  # keeps channels-last / NCHW; the kernel writes through its strides
-    block_m, block_n = tile_for(student.dtype)
+    block_m, block_n = tile_for(d.dtype, d.device)  # the operands are D's dtype (fp32 for fp16 features)
     batch_stats = g1 is not None
     if not batch_stats:
         mean = g1 = g0 = weight_a  # never read: BATCH_STATS=False compiles those loads away
@@ -186,7 +186,7 @@ def hint_dt_x(d: Tensor, student: Tensor) -> Tensor:
     """DᵀX as an fp32 (Ct, Cs) matrix."""
     n, cs, h, w = student.shape
     m, ct = d.shape
-    block_m, block_n = tile_for(student.dtype)
+    block_m, block_n = tile_for(d.dtype, d.device)
     tiles = triton.cdiv(ct, block_m) * triton.cdiv(cs, block_n)
     rows = split_rows(m, tiles, block_m, ct * cs, student.device)
     splits = triton.cdiv(m, rows)

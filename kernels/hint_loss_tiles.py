@@ -326,7 +326,7 @@ def hint_forward_sums(
     n, _, h, w = student.shape
     args = _layout_args(student, teacher, weight_lp)
     m, ct = args[0], args[2]
-    block_m, block_n = tile_for(student.dtype)
+    block_m, block_n = tile_for(student.dtype, student.device)
     num_n = triton.cdiv(ct, block_n)
     part = torch.empty((3 if normalized else 1, num_n, m), device=student.device, dtype=torch.float32)
     grid = (triton.cdiv(m, block_m) * num_n,)
@@ -366,7 +366,7 @@ def hint_backward_dp(
     n = student.shape[0]
     args = _layout_args(student, teacher, weight_lp)
     m, ct = args[0], args[2]
-    block_m, block_n = tile_for(student.dtype)
+    block_m, block_n = tile_for(student.dtype, student.device)
     num_m = triton.cdiv(m, block_m)
     d = torch.empty((m, ct), device=student.device, dtype=grad_dtype)
     part = torch.empty((2, num_m, ct) if sums else (0,), device=student.device, dtype=torch.float32)
