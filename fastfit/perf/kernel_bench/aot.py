@@ -56,6 +56,7 @@ class Launch:
     grid: list[int]
     mma_operand: str | None  # the MMA operand type its dots must use
     vector_loads: bool  # a KD kernel with C % 4 == 0: logits must load in ≥ 8-byte vectors
+    tensor_bytes: int = 0  # bytes of the distinct tensors it is passed (the plan's HBM model)
 
     def key(self) -> str:
         return json.dumps(
@@ -120,8 +121,8 @@ def _hint_calls(n, cs, ct, h, w, dtype):
     from fastfit.kernels.hint_loss_stats import feature_moments
 
     meta = {"device": "meta"}
-    student = torch.empty(n, cs, h, w, dtype=dtype, **meta).to(memory_format=torch.channels_last)
-    teacher = torch.empty(n, ct, h, w, dtype=dtype, **meta).to(memory_format=torch.channels_last)
+    student = torch.empty(n, cs, h, w, dtype=dtype, memory_format=torch.channels_last, **meta)
+    teacher = torch.empty(n, ct, h, w, dtype=dtype, memory_format=torch.channels_last, **meta)
     weight = torch.empty(ct, cs, 1, 1, **meta)
     bias, gamma, beta = (torch.empty(ct, **meta) for _ in range(3))
     mean, gram = feature_moments(student)
@@ -190,6 +191,10 @@ def capture(arch: int) -> list[Launch]:
                         grid=list(grid(kw) if callable(grid) else grid),
                         mma_operand=_mma_operand(name, dname),
                         vector_loads=name.startswith("_kd_loss") and c is not None and c % 4 == 0,
+                        tensor_bytes=sum(
+                            t.numel() * t.element_size()
+                            for t in {id(a): a for a in call_args if isinstance(a, torch.Tensor)}.values()
+                        ),
                     )
                 )
     return launches
