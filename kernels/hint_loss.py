@@ -452,8 +452,25 @@ def supports_connector(connector: nn.Module) -> bool:
 def fused_connector_hint_loss(
     connector: nn.Module, student_feature: Tensor, teacher_feature: Tensor, kind: str
 ) -> Tensor:
-    """The hint loss of connector(student_feature) against teacher_feature, fused; BatchNorm follows the module's
-    training flag exactly like nn.BatchNorm2d (batch statistics and running-stat updates in training)."""
+    """The hint loss of connector(student_feature) against teacher_feature, fused (see fused_hint_loss).
+
+    Args:
+        connector: nn.Sequential(Conv2d 1×1 stride 1 padding 0 dilation 1 groups 1 [, BatchNorm2d] [, ReLU]) — the
+            MMRazor connector and the paper's 1×1 regressor (supports_connector tells). BatchNorm follows the
+            module's training flag exactly like nn.BatchNorm2d: batch statistics and running-stat updates in
+            training, running statistics in eval.
+        student_feature: (N, Cs, H, W) fp32/bf16/fp16 on CUDA (or CPU under TRITON_INTERPRET=1), any strides
+            (channels-last is the fast path).
+        teacher_feature: (N, Ct, H, W), the student's device; gets no gradient.
+        kind: "normalized_l2" (MMRazor), "half_sq" (the paper's ½‖·‖²/N) or "mse".
+
+    Returns:
+        The 0-dim fp32 loss; backward fills the student feature's and the connector's gradients.
+
+    Raises:
+        ValueError: a connector of another form (the message names the layer that cannot be fused), or a
+            feature of the wrong rank, dtype, device or shape (see fused_hint_loss).
+    """
     parts = unpack_connector(connector)
     if isinstance(parts, str):
         raise ValueError(parts)
@@ -499,13 +516,37 @@ def fused_hint_loss(
 ) -> Tensor:
     """hint_loss(relu?(bn?(conv1x1(student, weight, bias))), teacher, kind) without materializing the regressor output.
 
-    student (N, Cs, H, W) and teacher (N, Ct, H, W): fp32/bf16/fp16, channels-last (fast) or any strides, read in
-    place; the teacher gets no gradient. weight (Ct, Cs[, 1, 1]); bias, bn_weight (γ), bn_bias (β), running_mean,
-    running_var (Ct,), each optional. With batch_norm, batch statistics are used when training or when there are no
-    running stats, and a training call updates running_mean / running_var (unbiased) / num_batches_tracked in place
-    (momentum None: cumulative average), as nn.BatchNorm2d does. The 1×1 GEMM runs in the student's dtype (the
-    weight is cast to it, as autocast would) with fp32 accumulation; BatchNorm and the loss are fp32. Returns a 0-dim
-    fp32 loss.
+    The 1×1 GEMM runs in the student's dtype (the weight is cast to it, as autocast would) with fp32 accumulation on
+    tensor cores (3×TF32 for fp32 features); BatchNorm statistics and the loss are fp32-accurate whatever
+    torch.backends.cuda.matmul.allow_tf32 says. No host sync: CUDA-graph capturable.
+
+    Args:
+        student: (N, Cs, H, W) fp32/bf16/fp16 on CUDA (or CPU under TRITON_INTERPRET=1), channels-last (fast) or
+            any strides, read in place.
+        teacher: (N, Ct, H, W), the student's device; gets no gradient.
+        weight: (Ct, Cs) or (Ct, Cs, 1, 1) regressor weight, fp32/bf16/fp16.
+        bias: (Ct,) conv bias or None.
+        kind: "normalized_l2" Σ‖y/‖y‖ − u/‖u‖‖²/N (MMRazor), "half_sq" ½Σ(y − u)²/N (paper) or "mse".
+        batch_norm: apply BatchNorm2d to the regressor output.
+        bn_weight, bn_bias: (Ct,) γ and β, or None (no affine).
+        running_mean, running_var: (Ct,) running statistics (both or neither). Batch statistics are used when
+            training or when there are none; a training call updates them in place (unbiased variance) and adds 1
+            to num_batches_tracked, as nn.BatchNorm2d does.
+        num_batches_tracked: 0-dim int64 counter, or None.
+        momentum: running-stat momentum; None for a cumulative average.
+        eps: BatchNorm's ε.
+        training: BatchNorm's mode.
+        relu: apply ReLU after BatchNorm.
+
+    Returns:
+        The 0-dim fp32 loss.
+
+    Raises:
+        ValueError: an unknown kind; a feature that is not 4-D, is empty or of another dtype; shapes that do not
+            agree (teacher (N, Ct, H, W), weight (Ct, Cs[, 1, 1]), vectors (Ct,)); tensors on other devices;
+            BatchNorm parameters without batch_norm; only one of running_mean/running_var; batch statistics over a
+            single value per channel; a CPU tensor without the interpreter. Each message names the argument and
+            what was expected.
     """
     check_hint_inputs(
         student, teacher, weight, bias, kind, batch_norm, bn_weight, bn_bias, running_mean, running_var, training

@@ -34,34 +34,34 @@ from .rounding import cast, mma
 
 @triton.jit
 def _hint_dx_kernel(
-    d_ptr,
-    wa_ptr,
-    s_ptr,
-    mean_ptr,
-    g1_ptr,
-    g0_ptr,
-    ds_ptr,
-    M,
-    CS,
-    CT,
-    HW,
-    W,
-    s_sn,
-    s_sc,
-    s_sh,
-    s_sw,
-    o_sn,
-    o_sc,
-    o_sh,
-    o_sw,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    BATCH_STATS: tl.constexpr,
-    MODE: tl.constexpr,
-    EMULATE: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    d_ptr,  # (M, Ct) D = dL/dP, row-major, bf16 for bf16 features else fp32
+    wa_ptr,  # (Ct, Cs) Wa = diag(a)·W in D's dtype, row-major
+    s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
+    mean_ptr,  # (Cs,) fp32 column mean μ of X
+    g1_ptr,  # (Cs, Cs) fp32 G1 = Wᵀ·diag(c1)·W (batch-statistics correction)
+    g0_ptr,  # (Cs,) fp32 g0 = −Wᵀ(a⊙ΣD)/M (batch-statistics correction)
+    ds_ptr,  # (N, Cs, H, W) out: dX in the student's dtype and layout
+    M,  # rows of X: N·H·W
+    CS,  # student channels (GEMM K forward, N of dX)
+    CT,  # regressor output channels
+    HW,  # H·W: rows per sample
+    W,  # feature-map width (row m = (n·H + h)·W + w)
+    s_sn,  # student strides (elements) over N
+    s_sc,  # … over C
+    s_sh,  # … over H
+    s_sw,  # … over W
+    o_sn,  # dX strides over N
+    o_sc,  # … over C
+    o_sh,  # … over H
+    o_sw,  # … over W
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_N: tl.constexpr,  # tile columns
+    BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
+    GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
+    BATCH_STATS: tl.constexpr,  # add the batch-statistics terms (X − μ)·G1 + g0
+    MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
+    EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
+    INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     # dX tile (BLOCK_M rows, BLOCK_N student channels). Reads BLOCK_M×Ct of D, Ct×BLOCK_N of Wa (+ BLOCK_M×Cs of X,
     # Cs×BLOCK_N of G1 with batch statistics); writes BLOCK_M×BLOCK_N of dS in the student's layout.
@@ -96,26 +96,26 @@ def _hint_dx_kernel(
 
 @triton.jit
 def _hint_dw_kernel(
-    d_ptr,
-    s_ptr,
-    part_ptr,
-    M,
-    CS,
-    CT,
-    HW,
-    W,
-    s_sn,
-    s_sc,
-    s_sh,
-    s_sw,
-    ROWS_PER_PROG,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    MODE: tl.constexpr,
-    EMULATE: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    d_ptr,  # (M, Ct) D = dL/dP, row-major, bf16 for bf16 features else fp32
+    s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
+    part_ptr,  # fp32 partial sums, one slot per program (layout in the comment below)
+    M,  # rows of X: N·H·W
+    CS,  # student channels (GEMM K forward, N of dX)
+    CT,  # regressor output channels
+    HW,  # H·W: rows per sample
+    W,  # feature-map width (row m = (n·H + h)·W + w)
+    s_sn,  # student strides (elements) over N
+    s_sc,  # … over C
+    s_sh,  # … over H
+    s_sw,  # … over W
+    ROWS_PER_PROG,  # rows of M each split-K program reduces (a multiple of the row block)
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_N: tl.constexpr,  # tile columns
+    BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
+    GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
+    MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
+    EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
+    INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     # part[s] tile (BLOCK_M regressor channels, BLOCK_N student channels) = Σ_{m in split s} D[m, c]·X[m, k].
     # The reduction runs over M, so it is split across program_id(1) for parallelism; torch sums the fp32 partials.

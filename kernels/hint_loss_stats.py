@@ -34,20 +34,20 @@ from .rounding import mma
 
 @triton.jit
 def _hint_colsum_kernel(
-    s_ptr,
-    part_ptr,
-    M,
-    CS,
-    HW,
-    W,
-    stride_n,
-    stride_c,
-    stride_h,
-    stride_w,
-    ROWS_PER_PROG,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
+    part_ptr,  # fp32 partial sums, one slot per program (layout in the comment below)
+    M,  # rows of X: N·H·W
+    CS,  # student channels (GEMM K forward, N of dX)
+    HW,  # H·W: rows per sample
+    W,  # feature-map width (row m = (n·H + h)·W + w)
+    stride_n,  # feature strides (elements) over N
+    stride_c,  # … over C
+    stride_h,  # … over H
+    stride_w,  # … over W
+    ROWS_PER_PROG,  # rows of M each split-K program reduces (a multiple of the row block)
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_C: tl.constexpr,  # channel tile
+    INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     # part[s, c] = Σ_{m in split s} X[m, c]. Reads X once (M·Cs elements), writes splits·Cs fp32.
     pid_s = widen(tl.program_id(0), INDEX_64)
@@ -69,22 +69,22 @@ def _hint_colsum_kernel(
 
 @triton.jit
 def _hint_gram_kernel(
-    s_ptr,
-    mean_ptr,
-    part_ptr,
-    M,
-    CS,
-    HW,
-    W,
-    stride_n,
-    stride_c,
-    stride_h,
-    stride_w,
-    ROWS_PER_PROG,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    EMULATE: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
+    mean_ptr,  # (Cs,) fp32 column mean μ of X
+    part_ptr,  # fp32 partial sums, one slot per program (layout in the comment below)
+    M,  # rows of X: N·H·W
+    CS,  # student channels (GEMM K forward, N of dX)
+    HW,  # H·W: rows per sample
+    W,  # feature-map width (row m = (n·H + h)·W + w)
+    stride_n,  # feature strides (elements) over N
+    stride_c,  # … over C
+    stride_h,  # … over H
+    stride_w,  # … over W
+    ROWS_PER_PROG,  # rows of M each split-K program reduces (a multiple of the row block)
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_C: tl.constexpr,  # channel tile
+    EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
+    INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     # part[s, i, j] = Σ_{m in split s} (X[m, i] − μ_i)(X[m, j] − μ_j), only tiles i ≤ j computed (Gc is symmetric),
     # each stored at (i, j) and (j, i). Reads X twice per tile pair from L2; M·Cs²/2 multiply-adds; writes

@@ -31,22 +31,22 @@ from .rounding import cast, mma
 
 @triton.jit
 def _regress_tile(
-    s_ptr,
-    s_rows,
-    rows_ok,
-    stride_sc,
-    w_ptr,
-    stride_wo,
-    stride_wi,
-    cols,
-    cols_ok,
-    CS,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    MODE: tl.constexpr,
-    EMULATE: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
+    s_rows,  # (BLOCK_M,) element offsets of this tile's X rows
+    rows_ok,  # (BLOCK_M,) rows < M
+    stride_sc,  # student stride over C
+    w_ptr,  # (Ct, Cs) regressor weight in the feature dtype (the GEMM operand)
+    stride_wo,  # weight stride over output channels
+    stride_wi,  # weight stride over input channels
+    cols,  # (BLOCK_N,) this tile's output channels
+    cols_ok,  # (BLOCK_N,) channels < Ct
+    CS,  # student channels (GEMM K forward, N of dX)
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_N: tl.constexpr,  # tile columns
+    BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
+    MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
+    EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
+    INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, CS, BLOCK_K):
@@ -64,33 +64,33 @@ def _regress_tile(
 
 @triton.jit
 def _tile(
-    s_ptr,
-    t_ptr,
-    w_ptr,
-    scale_ptr,
-    shift_ptr,
-    M,
-    CS,
-    CT,
-    HW,
-    W,
-    s_sn,
-    s_sc,
-    s_sh,
-    s_sw,
-    t_sn,
-    t_sc,
-    t_sh,
-    t_sw,
-    w_so,
-    w_si,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    MODE: tl.constexpr,
-    EMULATE: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
+    t_ptr,  # (N, Ct, H, W) teacher feature U, the student's dtype, any strides
+    w_ptr,  # (Ct, Cs) regressor weight in the feature dtype (the GEMM operand)
+    scale_ptr,  # (Ct,) fp32 per-channel scale a of P = A·a + e (bias and BatchNorm folded)
+    shift_ptr,  # (Ct,) fp32 per-channel shift e
+    M,  # rows of X: N·H·W
+    CS,  # student channels (GEMM K forward, N of dX)
+    CT,  # regressor output channels
+    HW,  # H·W: rows per sample
+    W,  # feature-map width (row m = (n·H + h)·W + w)
+    s_sn,  # student strides (elements) over N
+    s_sc,  # … over C
+    s_sh,  # … over H
+    s_sw,  # … over W
+    t_sn,  # teacher strides over N
+    t_sc,  # … over C
+    t_sh,  # … over H
+    t_sw,  # … over W
+    w_so,  # weight stride over output channels
+    w_si,  # weight stride over input channels
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_N: tl.constexpr,  # tile columns
+    BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
+    GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
+    MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
+    EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
+    INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     """This program's output tile, shared by both kernels: A = X Wᵀ, P = A·scale + shift and the teacher tile U."""
     num_m, pid_m, pid_n, rows, cols, rows_ok, cols_ok = output_tile(M, CT, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
@@ -124,36 +124,36 @@ def _tile(
 
 @triton.jit
 def _hint_fwd_kernel(
-    s_ptr,
-    t_ptr,
-    w_ptr,
-    scale_ptr,
-    shift_ptr,
-    part_ptr,
-    M,
-    CS,
-    CT,
-    HW,
-    W,
-    s_sn,
-    s_sc,
-    s_sh,
-    s_sw,
-    t_sn,
-    t_sc,
-    t_sh,
-    t_sw,
-    w_so,
-    w_si,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    RELU: tl.constexpr,
-    NORMALIZED: tl.constexpr,
-    MODE: tl.constexpr,
-    EMULATE: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
+    t_ptr,  # (N, Ct, H, W) teacher feature U, the student's dtype, any strides
+    w_ptr,  # (Ct, Cs) regressor weight in the feature dtype (the GEMM operand)
+    scale_ptr,  # (Ct,) fp32 per-channel scale a of P = A·a + e (bias and BatchNorm folded)
+    shift_ptr,  # (Ct,) fp32 per-channel shift e
+    part_ptr,  # fp32 partial sums, one slot per program (layout in the comment below)
+    M,  # rows of X: N·H·W
+    CS,  # student channels (GEMM K forward, N of dX)
+    CT,  # regressor output channels
+    HW,  # H·W: rows per sample
+    W,  # feature-map width (row m = (n·H + h)·W + w)
+    s_sn,  # student strides (elements) over N
+    s_sc,  # … over C
+    s_sh,  # … over H
+    s_sw,  # … over W
+    t_sn,  # teacher strides over N
+    t_sc,  # … over C
+    t_sh,  # … over H
+    t_sw,  # … over W
+    w_so,  # weight stride over output channels
+    w_si,  # weight stride over input channels
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_N: tl.constexpr,  # tile columns
+    BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
+    GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
+    RELU: tl.constexpr,  # Z = relu(P) (else Z = P)
+    NORMALIZED: tl.constexpr,  # normalized L2 (three sums per row) rather than a squared error (one)
+    MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
+    EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
+    INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     # Loss sums per row m of this tile's channel block j (part has shape (R, num_n, M), fp32):
     #   NORMALIZED: Σ_c Z², Σ_c Z·U, Σ_c U²   → per sample ‖y‖², y·u, ‖u‖² → Σ_n ‖y/‖y‖ − u/‖u‖‖² / N
@@ -206,40 +206,40 @@ def _hint_fwd_kernel(
 
 @triton.jit
 def _hint_bwd_dp_kernel(
-    s_ptr,
-    t_ptr,
-    w_ptr,
-    scale_ptr,
-    shift_ptr,
-    center_ptr,
-    coef_ptr,
-    d_ptr,
-    part_ptr,
-    M,
-    CS,
-    CT,
-    HW,
-    W,
-    NSAMPLES,
-    s_sn,
-    s_sc,
-    s_sh,
-    s_sw,
-    t_sn,
-    t_sc,
-    t_sh,
-    t_sw,
-    w_so,
-    w_si,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    RELU: tl.constexpr,
-    SUMS: tl.constexpr,
-    MODE: tl.constexpr,
-    EMULATE: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
+    t_ptr,  # (N, Ct, H, W) teacher feature U, the student's dtype, any strides
+    w_ptr,  # (Ct, Cs) regressor weight in the feature dtype (the GEMM operand)
+    scale_ptr,  # (Ct,) fp32 per-channel scale a of P = A·a + e (bias and BatchNorm folded)
+    shift_ptr,  # (Ct,) fp32 per-channel shift e
+    center_ptr,  # (Ct,) fp32 BatchNorm centre of A (mean_A, or running mean − bias)
+    coef_ptr,  # (2, N) fp32 per-sample α, β of dL/dZ = αZ + βU, grad_output folded in
+    d_ptr,  # (M, Ct) D = dL/dP, row-major, bf16 for bf16 features else fp32
+    part_ptr,  # fp32 partial sums, one slot per program (layout in the comment below)
+    M,  # rows of X: N·H·W
+    CS,  # student channels (GEMM K forward, N of dX)
+    CT,  # regressor output channels
+    HW,  # H·W: rows per sample
+    W,  # feature-map width (row m = (n·H + h)·W + w)
+    NSAMPLES,  # N: samples (rows of coef)
+    s_sn,  # student strides (elements) over N
+    s_sc,  # … over C
+    s_sh,  # … over H
+    s_sw,  # … over W
+    t_sn,  # teacher strides over N
+    t_sc,  # … over C
+    t_sh,  # … over H
+    t_sw,  # … over W
+    w_so,  # weight stride over output channels
+    w_si,  # weight stride over input channels
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_N: tl.constexpr,  # tile columns
+    BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
+    GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
+    RELU: tl.constexpr,  # Z = relu(P) (else Z = P)
+    SUMS: tl.constexpr,  # also the column sums Σ dP, Σ dP·(A − centre) for BatchNorm and bias gradients
+    MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
+    EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
+    INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     # Gradient of the loss at P (before ReLU), per sample n = m // (H·W) with coefficients from the forward sums:
     #   dL/dZ = α_n Z + β_n U    (normalized: α = 2(y·u)/(N‖y‖³‖u‖), β = −2/(N‖y‖‖u‖); half_sq: α = −β = g/N;
