@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .hint_loss_checks import check_hint_inputs, unpack_connector
 from .hint_loss_common import check_runnable
 from .hint_loss_grads import hint_dt_x, hint_grad_student
-from .hint_loss_stats import hint_moments
+from .hint_loss_stats import fp32_matmul, hint_moments
 from .hint_loss_tiles import hint_backward_dp, hint_forward_sums
 
 NO_BN, BATCH_STATS, RUNNING_STATS = 0, 1, 2  # how BatchNorm normalizes
@@ -62,6 +62,15 @@ def _affine(mode, mean_a, var_a, bias, bn_weight, bn_bias, running_mean, running
     scale = rstd * bn_weight.float() if bn_weight is not None else rstd
     shift = (bn_bias.float() if bn_bias is not None else zeros) - center * scale
     return scale, shift, center, rstd
+
+
+def regressor_stats(w_lp: Tensor, feature_mean: Tensor, feature_gram: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean_A, var_A, W·Gc) of A = X Wᵀ from X's moments (μ, Gc over m rows), fp32. No fp32 torch matmul: those
+    follow torch.backends.cuda.matmul.allow_tf32, and TF32 would cost ~1e-3 of the variance. mean_A is an
+    elementwise product and sum; W·Gc runs as 3×TF32 MMAs (fp32-accurate) and is kept for the backward."""
+    w_f = w_lp.float()
+    wg = fp32_matmul(w_f, feature_gram)
+    return (w_f * feature_mean).sum(1), (wg * w_f).sum(1).div(m).clamp_min(0.0), wg
 
 
 def _loss(kind: str, sums: Tensor, n: int, m: int, ct: int) -> Tensor:
@@ -105,7 +114,7 @@ def _hint_loss_op(
     bn_mode: int,
     relu: bool,
     kind: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with _fp32_math(student.device):
         return _forward(
             student,
@@ -144,16 +153,15 @@ def _forward(
     n, cs, h, w = student.shape
     ct, m = teacher.shape[1], n * h * w
     w_lp = weight.reshape(ct, cs).to(student.dtype)  # the GEMM's operand; batch statistics use the same values
-    mean_a, var_a = (student.new_empty((0,), dtype=torch.float32) for _ in range(2))  # distinct: outputs may not alias
+    # distinct tensors: outputs may not alias
+    mean_a, var_a, wg = (student.new_empty((0,), dtype=torch.float32) for _ in range(3))
     if bn_mode == BATCH_STATS:
-        w_f = w_lp.float()
-        mean_a = w_f @ feature_mean
-        var_a = ((w_f @ feature_gram) * w_f).sum(1).div(m).clamp_min(0.0)
+        mean_a, var_a, wg = regressor_stats(w_lp, feature_mean, feature_gram, m)
     scale, shift, _, _ = _affine(
         bn_mode, mean_a, var_a, bias, bn_weight, bn_bias, running_mean, running_var, eps, ct, student.device
     )
     sums = hint_forward_sums(student, teacher, w_lp, scale, shift, relu, kind == "normalized_l2")
-    return _loss(kind, sums, n, m, ct), mean_a, var_a, sums
+    return _loss(kind, sums, n, m, ct), mean_a, var_a, wg, sums
 
 
 @_hint_loss_op.register_fake
@@ -179,6 +187,7 @@ def _(
         student.new_empty((), dtype=f32),
         student.new_empty((stats,), dtype=f32),
         student.new_empty((stats,), dtype=f32),
+        student.new_empty((stats, student.shape[1]) if stats else (0,), dtype=f32),
         student.new_empty((3 if kind == "normalized_l2" else 1, student.shape[0]), dtype=torch.float64),
     )
 
@@ -198,6 +207,7 @@ def _hint_loss_backward_op(
     running_var: Optional[Tensor],
     mean_a: Tensor,
     var_a: Tensor,
+    wg: Tensor,
     sums: Tensor,
     eps: float,
     bn_mode: int,
@@ -223,6 +233,7 @@ def _hint_loss_backward_op(
             running_var,
             mean_a,
             var_a,
+            wg,
             sums,
             eps,
             bn_mode,
@@ -249,6 +260,7 @@ def _backward_grads(
     running_var,
     mean_a,
     var_a,
+    wg,
     sums,
     eps,
     bn_mode,
@@ -280,14 +292,14 @@ def _backward_grads(
     if need_student:
         g1 = g0 = None
         if batch:
-            g1 = w_f.t() @ (c1[:, None] * w_f)
-            g0 = -(w_f.t() @ a_sum_d) / m
+            g1 = fp32_matmul(w_f.t(), w_f, scale_k=c1)  # Wᵀ·diag(c1)·W
+            g0 = -(w_f * a_sum_d[:, None]).sum(0) / m
         weight_a = (scale[:, None] * w_f).to(grad_dtype)
         d_student = hint_grad_student(d, weight_a, student, feature_mean, g1, g0)
     if need_weight:
         dw = scale[:, None] * hint_dt_x(d, student)
         if batch:
-            dw = dw + c1[:, None] * (w_f @ feature_gram) - a_sum_d[:, None] * feature_mean[None, :]
+            dw = dw + c1[:, None] * wg - a_sum_d[:, None] * feature_mean[None, :]  # W·Gc from the forward
         d_weight = dw.to(weight.dtype).reshape(weight.shape)
     if need_bias:
         db = torch.zeros_like(sum_d) if batch else (sum_d if bn_mode == NO_BN else scale * sum_d)
@@ -313,6 +325,7 @@ def _(
     running_var,
     mean_a,
     var_a,
+    wg,
     sums,
     eps,
     bn_mode,
@@ -352,7 +365,7 @@ def _setup_context(ctx, inputs, output):
         relu,
         kind,
     ) = inputs
-    _, mean_a, var_a, sums = output
+    _, mean_a, var_a, wg, sums = output
     ctx.save_for_backward(
         student,
         teacher,
@@ -366,12 +379,13 @@ def _setup_context(ctx, inputs, output):
         running_var,
         mean_a,
         var_a,
+        wg,
         sums,
     )
     ctx.config = (eps, bn_mode, relu, kind)
 
 
-def _backward(ctx, grad_loss, _grad_mean, _grad_var, _grad_sums):
+def _backward(ctx, grad_loss, _grad_mean, _grad_var, _grad_wg, _grad_sums):
     need = ctx.needs_input_grad
     need_bn = ctx.saved_tensors[4] is not None and (need[4] or need[5])
     grads = _hint_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.config, need[0], need[2], need[3], need_bn)
@@ -438,8 +452,25 @@ def supports_connector(connector: nn.Module) -> bool:
 def fused_connector_hint_loss(
     connector: nn.Module, student_feature: Tensor, teacher_feature: Tensor, kind: str
 ) -> Tensor:
-    """The hint loss of connector(student_feature) against teacher_feature, fused; BatchNorm follows the module's
-    training flag exactly like nn.BatchNorm2d (batch statistics and running-stat updates in training)."""
+    """The hint loss of connector(student_feature) against teacher_feature, fused (see fused_hint_loss).
+
+    Args:
+        connector: nn.Sequential(Conv2d 1×1 stride 1 padding 0 dilation 1 groups 1 [, BatchNorm2d] [, ReLU]) — the
+            MMRazor connector and the paper's 1×1 regressor (supports_connector tells). BatchNorm follows the
+            module's training flag exactly like nn.BatchNorm2d: batch statistics and running-stat updates in
+            training, running statistics in eval.
+        student_feature: (N, Cs, H, W) fp32/bf16/fp16 on CUDA (or CPU under TRITON_INTERPRET=1), any strides
+            (channels-last is the fast path).
+        teacher_feature: (N, Ct, H, W), the student's device; gets no gradient.
+        kind: "normalized_l2" (MMRazor), "half_sq" (the paper's ½‖·‖²/N) or "mse".
+
+    Returns:
+        The 0-dim fp32 loss; backward fills the student feature's and the connector's gradients.
+
+    Raises:
+        ValueError: a connector of another form (the message names the layer that cannot be fused), or a
+            feature of the wrong rank, dtype, device or shape (see fused_hint_loss).
+    """
     parts = unpack_connector(connector)
     if isinstance(parts, str):
         raise ValueError(parts)
@@ -485,13 +516,37 @@ def fused_hint_loss(
 ) -> Tensor:
     """hint_loss(relu?(bn?(conv1x1(student, weight, bias))), teacher, kind) without materializing the regressor output.
 
-    student (N, Cs, H, W) and teacher (N, Ct, H, W): fp32/bf16/fp16, channels-last (fast) or any strides, read in
-    place; the teacher gets no gradient. weight (Ct, Cs[, 1, 1]); bias, bn_weight (γ), bn_bias (β), running_mean,
-    running_var (Ct,), each optional. With batch_norm, batch statistics are used when training or when there are no
-    running stats, and a training call updates running_mean / running_var (unbiased) / num_batches_tracked in place
-    (momentum None: cumulative average), as nn.BatchNorm2d does. The 1×1 GEMM runs in the student's dtype (the
-    weight is cast to it, as autocast would) with fp32 accumulation; BatchNorm and the loss are fp32. Returns a 0-dim
-    fp32 loss.
+    The 1×1 GEMM runs in the student's dtype (the weight is cast to it, as autocast would) with fp32 accumulation on
+    tensor cores (3×TF32 for fp32 features); BatchNorm statistics and the loss are fp32-accurate whatever
+    torch.backends.cuda.matmul.allow_tf32 says. No host sync: CUDA-graph capturable.
+
+    Args:
+        student: (N, Cs, H, W) fp32/bf16/fp16 on CUDA (or CPU under TRITON_INTERPRET=1), channels-last (fast) or
+            any strides, read in place.
+        teacher: (N, Ct, H, W), the student's device; gets no gradient.
+        weight: (Ct, Cs) or (Ct, Cs, 1, 1) regressor weight, fp32/bf16/fp16.
+        bias: (Ct,) conv bias or None.
+        kind: "normalized_l2" Σ‖y/‖y‖ − u/‖u‖‖²/N (MMRazor), "half_sq" ½Σ(y − u)²/N (paper) or "mse".
+        batch_norm: apply BatchNorm2d to the regressor output.
+        bn_weight, bn_bias: (Ct,) γ and β, or None (no affine).
+        running_mean, running_var: (Ct,) running statistics (both or neither). Batch statistics are used when
+            training or when there are none; a training call updates them in place (unbiased variance) and adds 1
+            to num_batches_tracked, as nn.BatchNorm2d does.
+        num_batches_tracked: 0-dim int64 counter, or None.
+        momentum: running-stat momentum; None for a cumulative average.
+        eps: BatchNorm's ε.
+        training: BatchNorm's mode.
+        relu: apply ReLU after BatchNorm.
+
+    Returns:
+        The 0-dim fp32 loss.
+
+    Raises:
+        ValueError: an unknown kind; a feature that is not 4-D, is empty or of another dtype; shapes that do not
+            agree (teacher (N, Ct, H, W), weight (Ct, Cs[, 1, 1]), vectors (Ct,)); tensors on other devices;
+            BatchNorm parameters without batch_norm; only one of running_mean/running_var; batch statistics over a
+            single value per channel; a CPU tensor without the interpreter. Each message names the argument and
+            what was expected.
     """
     check_hint_inputs(
         student, teacher, weight, bias, kind, batch_norm, bn_weight, bn_bias, running_mean, running_var, training
@@ -502,7 +557,7 @@ def fused_hint_loss(
     if mode == BATCH_STATS:
         feature_mean, feature_gram = hint_moments(student.detach())
     running = (running_mean, running_var) if mode == RUNNING_STATS else (None, None)
-    loss, mean_a, var_a, _ = _hint_loss_op(
+    loss, mean_a, var_a, _, _ = _hint_loss_op(
         student,
         teacher.detach(),
         weight,

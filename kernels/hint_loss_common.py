@@ -22,33 +22,88 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # BLOCK_K, GROUP_M, warps and stages: every program writes its own slots and reruns during tuning are harmless.
 TILE_16BIT, TILE_FP32 = (128, 128), (64, 64)
 STATS_ROWS, STATS_COLS = 64, 64  # Gram and column-sum tiles (small GEMMs, many programs)
+SMALL_GEMM_TILE, SMALL_GEMM_K = 64, 32  # the Cs × Cs and Ct × Cs fp32 products of BatchNorm (3×TF32)
 INTERPRET_TILE, INTERPRET_K = 32, 16  # tiny tiles so the small test shapes still span several programs
 TARGET_PROGRAMS_PER_SM = 2  # split-K programs for the reductions over M (Gram, dW)
 MAX_PARTIAL_ELEMENTS = 1 << 24  # 64 MiB of fp32 partial sums at most for a split-K reduction
 
 
+# Meta tensors stand for a GPU when the ahead-of-time gate captures the launchers' parameters (no device here):
+# these say which one. The gate sets them per target; on CUDA the device's own properties are used.
+CAPTURE_SMS = 132  # H100/H200 SXM
+CAPTURE_SMEM = 232_448  # sm_90's opt-in shared memory per block (sm_80: 166,912)
+CAPTURE_MAJOR = 9  # compute capability major: 9 Hopper (wgmma, operands in shared memory), 8 Ampere (mma.sync)
+# fp32 accumulator values per thread before the epilogue spills (ptxas): sm_90's wgmma reads its operands from
+# shared memory; sm_80's mma.sync holds them in registers beside the accumulator.
+ACC_REGISTERS_PER_THREAD = {9: 64, 8: 32}
+
+
+def device_limits(device: torch.device) -> tuple[int, int, int]:
+    """(streaming multiprocessors, shared memory per block in bytes, capability major) of the device the kernels
+    will run on."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.multi_processor_count, props.shared_memory_per_block_optin, props.major
+    return CAPTURE_SMS, CAPTURE_SMEM, CAPTURE_MAJOR
+
+
 def _gemm_configs() -> list[triton.Config]:
-    # 8 warps for the 128×128 16-bit tiles (4 warps spill their epilogues, per ptxas for sm_90); the 4-warp config
-    # serves the 64×64 fp32 tiles. Configs that overflow shared memory are skipped by the autotuner.
+    # 8 warps for the 128×128 16-bit tiles; 4 warps serve the 64×64 fp32 tiles. prune_gemm_configs drops, before
+    # any launch, every config whose pipeline does not fit the device's shared memory or whose accumulator would
+    # spill (tests/test_kernel_aot.py compiles the survivors for sm_90a and sm_80 and checks them with ptxas).
     return [
         triton.Config({"BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=5),
-        triton.Config({"BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=4),
     ]
+
+
+def gemm_shared_bytes(block_m: int, block_n: int, block_k: int, stages: int, operand_bytes: int) -> int:
+    """Shared memory of a pipelined GEMM tile: `stages` buffers of a BLOCK_M × BLOCK_K and a BLOCK_K × BLOCK_N
+    operand (each program's M × N output tile, whichever way its operands are laid out)."""
+    return stages * block_k * (block_m + block_n) * operand_bytes
+
+
+def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The autotuner's early prune: keep the configs that fit this device (shared memory, accumulator registers)."""
+    device = next(v.device for v in named_args.values() if isinstance(v, torch.Tensor))
+    _, smem, major = device_limits(device)
+    block_m, block_n = kwargs["BLOCK_M"], kwargs["BLOCK_N"]
+    tf32x3 = kwargs["MODE"] == "tf32x3"
+    operand_bytes = 4 if tf32x3 else 2
+    # 3×TF32 holds head and tail operand fragments; mma.sync (sm_80) keeps them in registers, where ptxas spills
+    # them beyond a K step of 16. Smallest K steps otherwise only for 3×TF32 (16-bit tiles want 32 or more).
+    k_range = (16, 16) if tf32x3 and major < 9 else (16, 64) if tf32x3 else (32, 64)
+    kept = [
+        c
+        for c in configs
+        if gemm_shared_bytes(block_m, block_n, c.kwargs["BLOCK_K"], c.num_stages, operand_bytes) <= smem
+        and block_m * block_n <= ACC_REGISTERS_PER_THREAD[min(major, 9)] * 32 * c.num_warps
+        and k_range[0] <= c.kwargs["BLOCK_K"] <= k_range[1]
+    ]
+    if not kept:
+        raise ValueError(f"expected a GEMM config that fits {smem} bytes of shared memory, got none for {kwargs}")
+    return kept
 
 
 def tuned(kernel):
     """Autotune the GEMM kernels on a GPU; the interpreter gets one fixed config (several configs fail there)."""
     if INTERPRET:
         return kernel
-    return triton.autotune(configs=_gemm_configs(), key=["M", "CS", "CT"])(kernel)
+    return triton.autotune(
+        configs=_gemm_configs(), key=["M", "CS", "CT"], prune_configs_by={"early_config_prune": prune_gemm_configs}
+    )(kernel)
 
 
-def tile_for(dtype: torch.dtype) -> tuple[int, int]:
+def tile_for(dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for GEMM operands of `dtype`: 16-bit tiles hold twice the elements of fp32 ones; on
+    sm_80 (accumulators and mma.sync operands in registers) 16-bit tiles are half as wide, or the fp32-D epilogue
+    of fp16 features spills (ptxas)."""
     if INTERPRET:
         return INTERPRET_TILE, INTERPRET_TILE
-    return TILE_FP32 if dtype == torch.float32 else TILE_16BIT
+    if dtype == torch.float32:
+        return TILE_FP32
+    return TILE_16BIT if device_limits(device)[2] >= 9 else (TILE_16BIT[0], TILE_16BIT[1] // 2)
 
 
 def fixed_meta() -> dict[str, int]:
@@ -56,10 +111,11 @@ def fixed_meta() -> dict[str, int]:
     return {"BLOCK_K": INTERPRET_K, "GROUP_M": 2} if INTERPRET else {}
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    # fp32 features get exact IEEE dots; fp16 backward operands are upcast to fp32 (see hint_loss_grads) and TF32
-    # keeps fp16's 10-bit mantissa with fp32's range; 16-bit tensor-core dots ignore the setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def mma_mode(dtype: torch.dtype) -> str:
+    """How a GEMM whose operands are `dtype` (or fp32 built from them) runs on tensor cores: "bf16"/"fp16" feed
+    16-bit operands to the MMA; "tf32x3" splits each fp32 operand into a TF32 head and tail and sums three TF32
+    MMAs (about 22 significant bits, so fp32-accurate products on tensor cores; plain TF32 keeps only 11)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "tf32x3")
 
 
 def split_rows(m: int, tiles: int, block_rows: int, partial_elements_per_split: int, device: torch.device) -> int:
@@ -67,7 +123,7 @@ def split_rows(m: int, tiles: int, block_rows: int, partial_elements_per_split: 
     if INTERPRET:
         splits = 2
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms, _, _ = device_limits(device)
         splits = triton.cdiv(TARGET_PROGRAMS_PER_SM * sms, max(tiles, 1))
         splits = min(splits, max(1, MAX_PARTIAL_ELEMENTS // max(partial_elements_per_split, 1)))
     splits = max(1, min(splits, triton.cdiv(m, block_rows)))
@@ -84,7 +140,8 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
 
 
 def check_runnable(tensor: torch.Tensor, name: str) -> None:
-    if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and INTERPRET):
+    # meta: the AOT gate calls the launchers on meta tensors to capture their launch parameters (no kernel runs).
+    if tensor.device.type in ("cuda", "meta") or (tensor.device.type == "cpu" and INTERPRET):
         return
     raise ValueError(
         f"expected {name} on a CUDA device (or TRITON_INTERPRET=1 set before triton is imported, to run "

@@ -18,9 +18,9 @@ from torch import Tensor
 
 from .hint_loss_common import (
     INTERPRET,
-    dot_precision,
     fixed_meta,
     grouped_tile,
+    mma_mode,
     needs_int64,
     output_tile,
     row_offsets,
@@ -29,51 +29,51 @@ from .hint_loss_common import (
     tuned,
     widen,
 )
+from .rounding import cast, mma
 
 
 @triton.jit
 def _hint_dx_kernel(
-    d_ptr,
-    wa_ptr,
-    s_ptr,
-    mean_ptr,
-    g1_ptr,
-    g0_ptr,
-    ds_ptr,
-    M,
-    CS,
-    CT,
-    HW,
-    W,
-    s_sn,
-    s_sc,
-    s_sh,
-    s_sw,
-    o_sn,
-    o_sc,
-    o_sh,
-    o_sw,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    BATCH_STATS: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    d_ptr,  # (M, Ct) D = dL/dP, row-major, bf16 for bf16 features else fp32
+    wa_ptr,  # (Ct, Cs) Wa = diag(a)·W in D's dtype, row-major
+    s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
+    mean_ptr,  # (Cs,) fp32 column mean μ of X
+    g1_ptr,  # (Cs, Cs) fp32 G1 = Wᵀ·diag(c1)·W (batch-statistics correction)
+    g0_ptr,  # (Cs,) fp32 g0 = −Wᵀ(a⊙ΣD)/M (batch-statistics correction)
+    ds_ptr,  # (N, Cs, H, W) out: dX in the student's dtype and layout
+    M,  # rows of X: N·H·W
+    CS,  # student channels (GEMM K forward, N of dX)
+    CT,  # regressor output channels
+    HW,  # H·W: rows per sample
+    W,  # feature-map width (row m = (n·H + h)·W + w)
+    s_sn,  # student strides (elements) over N
+    s_sc,  # … over C
+    s_sh,  # … over H
+    s_sw,  # … over W
+    o_sn,  # dX strides over N
+    o_sc,  # … over C
+    o_sh,  # … over H
+    o_sw,  # … over W
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_N: tl.constexpr,  # tile columns
+    BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
+    GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
+    BATCH_STATS: tl.constexpr,  # add the batch-statistics terms (X − μ)·G1 + g0
+    MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
+    EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
+    INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     # dX tile (BLOCK_M rows, BLOCK_N student channels). Reads BLOCK_M×Ct of D, Ct×BLOCK_N of Wa (+ BLOCK_M×Cs of X,
     # Cs×BLOCK_N of G1 with batch statistics); writes BLOCK_M×BLOCK_N of dS in the student's layout.
     # Whole op: 2·M·Ct·Cs FLOPs (+ 2·M·Cs² with batch statistics); D read Cs/BLOCK_N times (L2), dS written once.
     _, pid_m, pid_n, rows, cols, rows_ok, cols_ok = output_tile(M, CS, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
-    op_ty = tl.float32 if DOT_F32 else d_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c0 in range(0, CT, BLOCK_K):
         cs = widen(c0 + tl.arange(0, BLOCK_K), INDEX_64)
         c_ok = cs < CT
         d = tl.load(d_ptr + rows[:, None] * CT + cs[None, :], mask=rows_ok[:, None] & c_ok[None, :], other=0.0)
         wa = tl.load(wa_ptr + cs[:, None] * CS + cols[None, :], mask=c_ok[:, None] & cols_ok[None, :], other=0.0)
-        acc = tl.dot(d.to(op_ty), wa.to(op_ty), acc, input_precision=PRECISION)
+        acc = mma(d, wa, acc, MODE, EMULATE)
     if BATCH_STATS:
         s_rows = row_offsets(rows, HW, W, s_sn, s_sh, s_sw)
         for j0 in range(0, CS, BLOCK_K):
@@ -84,38 +84,38 @@ def _hint_dx_kernel(
             mu = tl.load(mean_ptr + js, mask=j_ok, other=0.0)
             x = tl.where(xm, x.to(tl.float32) - mu[None, :], 0.0)
             g1 = tl.load(g1_ptr + js[:, None] * CS + cols[None, :], mask=j_ok[:, None] & cols_ok[None, :], other=0.0)
-            acc = tl.dot(x.to(op_ty), g1.to(op_ty), acc, input_precision=PRECISION)
+            acc = mma(x, g1, acc, MODE, EMULATE)
         acc += tl.load(g0_ptr + cols, mask=cols_ok, other=0.0)[None, :]
     o_rows = row_offsets(rows, HW, W, o_sn, o_sh, o_sw)
     tl.store(
         ds_ptr + o_rows[:, None] + cols[None, :] * o_sc,
-        acc.to(ds_ptr.dtype.element_ty),
+        cast(acc, ds_ptr.dtype.element_ty, EMULATE),
         mask=rows_ok[:, None] & cols_ok[None, :],
     )
 
 
 @triton.jit
 def _hint_dw_kernel(
-    d_ptr,
-    s_ptr,
-    part_ptr,
-    M,
-    CS,
-    CT,
-    HW,
-    W,
-    s_sn,
-    s_sc,
-    s_sh,
-    s_sw,
-    ROWS_PER_PROG,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    d_ptr,  # (M, Ct) D = dL/dP, row-major, bf16 for bf16 features else fp32
+    s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
+    part_ptr,  # fp32 partial sums, one slot per program (layout in the comment below)
+    M,  # rows of X: N·H·W
+    CS,  # student channels (GEMM K forward, N of dX)
+    CT,  # regressor output channels
+    HW,  # H·W: rows per sample
+    W,  # feature-map width (row m = (n·H + h)·W + w)
+    s_sn,  # student strides (elements) over N
+    s_sc,  # … over C
+    s_sh,  # … over H
+    s_sw,  # … over W
+    ROWS_PER_PROG,  # rows of M each split-K program reduces (a multiple of the row block)
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_N: tl.constexpr,  # tile columns
+    BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
+    GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
+    MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
+    EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
+    INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     # part[s] tile (BLOCK_M regressor channels, BLOCK_N student channels) = Σ_{m in split s} D[m, c]·X[m, k].
     # The reduction runs over M, so it is split across program_id(1) for parallelism; torch sums the fp32 partials.
@@ -127,7 +127,6 @@ def _hint_dw_kernel(
     cs = pid_c * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     cs_ok, ks_ok = cs < CT, ks < CS
-    op_ty = tl.float32 if DOT_F32 else d_ptr.dtype.element_ty
     start = pid_s * ROWS_PER_PROG
     end = tl.minimum(start + ROWS_PER_PROG, M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -137,16 +136,12 @@ def _hint_dw_kernel(
         d = tl.load(d_ptr + rows[:, None] * CT + cs[None, :], mask=r_ok[:, None] & cs_ok[None, :], other=0.0)
         s_rows = row_offsets(rows, HW, W, s_sn, s_sh, s_sw)
         x = tl.load(s_ptr + s_rows[:, None] + ks[None, :] * s_sc, mask=r_ok[:, None] & ks_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(d.to(op_ty)), x.to(op_ty), acc, input_precision=PRECISION)
+        acc = mma(tl.trans(d), x, acc, MODE, EMULATE)
     tl.store(part_ptr + pid_s * CT * CS + cs[:, None] * CS + ks[None, :], acc, mask=cs_ok[:, None] & ks_ok[None, :])
 
 
 _hint_dx = tuned(_hint_dx_kernel)
 _hint_dw = tuned(_hint_dw_kernel)
-
-
-def _dot_f32(d: Tensor) -> bool:
-    return INTERPRET or d.dtype == torch.float32
 
 
 def hint_grad_student(
@@ -156,7 +151,7 @@ def hint_grad_student(
     n, cs, h, w = student.shape
     m, ct = d.shape
     grad = torch.empty_like(student)  # keeps channels-last / NCHW; the kernel writes through its strides
-    block_m, block_n = tile_for(student.dtype)
+    block_m, block_n = tile_for(d.dtype, d.device)  # the operands are D's dtype (fp32 for fp16 features)
     batch_stats = g1 is not None
     if not batch_stats:
         mean = g1 = g0 = weight_a  # never read: BATCH_STATS=False compiles those loads away
@@ -179,8 +174,8 @@ def hint_grad_student(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BATCH_STATS=batch_stats,
-        DOT_F32=_dot_f32(d),
-        PRECISION=dot_precision(student.dtype),
+        MODE=mma_mode(d.dtype),
+        EMULATE=INTERPRET,
         INDEX_64=needs_int64(d, student, grad),
         **fixed_meta(),
     )
@@ -191,7 +186,7 @@ def hint_dt_x(d: Tensor, student: Tensor) -> Tensor:
     """DᵀX as an fp32 (Ct, Cs) matrix."""
     n, cs, h, w = student.shape
     m, ct = d.shape
-    block_m, block_n = tile_for(student.dtype)
+    block_m, block_n = tile_for(d.dtype, d.device)
     tiles = triton.cdiv(ct, block_m) * triton.cdiv(cs, block_n)
     rows = split_rows(m, tiles, block_m, ct * cs, student.device)
     splits = triton.cdiv(m, rows)
@@ -209,8 +204,8 @@ def hint_dt_x(d: Tensor, student: Tensor) -> Tensor:
         rows,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        DOT_F32=_dot_f32(d),
-        PRECISION=dot_precision(student.dtype),
+        MODE=mma_mode(d.dtype),
+        EMULATE=INTERPRET,
         INDEX_64=needs_int64(d, student, part),
         **fixed_meta(),
     )

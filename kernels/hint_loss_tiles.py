@@ -17,8 +17,8 @@ from torch import Tensor
 from .hint_loss_common import (
     INTERPRET,
     check_runnable,
-    dot_precision,
     fixed_meta,
+    mma_mode,
     needs_int64,
     output_tile,
     row_offsets,
@@ -26,26 +26,27 @@ from .hint_loss_common import (
     tuned,
     widen,
 )
+from .rounding import cast, mma
 
 
 @triton.jit
 def _regress_tile(
-    s_ptr,
-    s_rows,
-    rows_ok,
-    stride_sc,
-    w_ptr,
-    stride_wo,
-    stride_wi,
-    cols,
-    cols_ok,
-    CS,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
+    s_rows,  # (BLOCK_M,) element offsets of this tile's X rows
+    rows_ok,  # (BLOCK_M,) rows < M
+    stride_sc,  # student stride over C
+    w_ptr,  # (Ct, Cs) regressor weight in the feature dtype (the GEMM operand)
+    stride_wo,  # weight stride over output channels
+    stride_wi,  # weight stride over input channels
+    cols,  # (BLOCK_N,) this tile's output channels
+    cols_ok,  # (BLOCK_N,) channels < Ct
+    CS,  # student channels (GEMM K forward, N of dX)
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_N: tl.constexpr,  # tile columns
+    BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
+    MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
+    EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
+    INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, CS, BLOCK_K):
@@ -57,42 +58,39 @@ def _regress_tile(
             mask=k_ok[:, None] & cols_ok[None, :],
             other=0.0,
         )
-        if DOT_F32:  # the interpreter's bf16 dot is wrong: upcast there (and for fp32 inputs it is a no-op)
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        acc = mma(x, w, acc, MODE, EMULATE)
     return acc
 
 
 @triton.jit
 def _tile(
-    s_ptr,
-    t_ptr,
-    w_ptr,
-    scale_ptr,
-    shift_ptr,
-    M,
-    CS,
-    CT,
-    HW,
-    W,
-    s_sn,
-    s_sc,
-    s_sh,
-    s_sw,
-    t_sn,
-    t_sc,
-    t_sh,
-    t_sw,
-    w_so,
-    w_si,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
+    t_ptr,  # (N, Ct, H, W) teacher feature U, the student's dtype, any strides
+    w_ptr,  # (Ct, Cs) regressor weight in the feature dtype (the GEMM operand)
+    scale_ptr,  # (Ct,) fp32 per-channel scale a of P = A·a + e (bias and BatchNorm folded)
+    shift_ptr,  # (Ct,) fp32 per-channel shift e
+    M,  # rows of X: N·H·W
+    CS,  # student channels (GEMM K forward, N of dX)
+    CT,  # regressor output channels
+    HW,  # H·W: rows per sample
+    W,  # feature-map width (row m = (n·H + h)·W + w)
+    s_sn,  # student strides (elements) over N
+    s_sc,  # … over C
+    s_sh,  # … over H
+    s_sw,  # … over W
+    t_sn,  # teacher strides over N
+    t_sc,  # … over C
+    t_sh,  # … over H
+    t_sw,  # … over W
+    w_so,  # weight stride over output channels
+    w_si,  # weight stride over input channels
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_N: tl.constexpr,  # tile columns
+    BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
+    GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
+    MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
+    EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
+    INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     """This program's output tile, shared by both kernels: A = X Wᵀ, P = A·scale + shift and the teacher tile U."""
     num_m, pid_m, pid_n, rows, cols, rows_ok, cols_ok = output_tile(M, CT, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
@@ -111,8 +109,8 @@ def _tile(
         BLOCK_M,
         BLOCK_N,
         BLOCK_K,
-        DOT_F32,
-        PRECISION,
+        MODE,
+        EMULATE,
         INDEX_64,
     )
     scale = tl.load(scale_ptr + cols, mask=cols_ok, other=0.0)
@@ -126,36 +124,36 @@ def _tile(
 
 @triton.jit
 def _hint_fwd_kernel(
-    s_ptr,
-    t_ptr,
-    w_ptr,
-    scale_ptr,
-    shift_ptr,
-    part_ptr,
-    M,
-    CS,
-    CT,
-    HW,
-    W,
-    s_sn,
-    s_sc,
-    s_sh,
-    s_sw,
-    t_sn,
-    t_sc,
-    t_sh,
-    t_sw,
-    w_so,
-    w_si,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    RELU: tl.constexpr,
-    NORMALIZED: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
+    t_ptr,  # (N, Ct, H, W) teacher feature U, the student's dtype, any strides
+    w_ptr,  # (Ct, Cs) regressor weight in the feature dtype (the GEMM operand)
+    scale_ptr,  # (Ct,) fp32 per-channel scale a of P = A·a + e (bias and BatchNorm folded)
+    shift_ptr,  # (Ct,) fp32 per-channel shift e
+    part_ptr,  # fp32 partial sums, one slot per program (layout in the comment below)
+    M,  # rows of X: N·H·W
+    CS,  # student channels (GEMM K forward, N of dX)
+    CT,  # regressor output channels
+    HW,  # H·W: rows per sample
+    W,  # feature-map width (row m = (n·H + h)·W + w)
+    s_sn,  # student strides (elements) over N
+    s_sc,  # … over C
+    s_sh,  # … over H
+    s_sw,  # … over W
+    t_sn,  # teacher strides over N
+    t_sc,  # … over C
+    t_sh,  # … over H
+    t_sw,  # … over W
+    w_so,  # weight stride over output channels
+    w_si,  # weight stride over input channels
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_N: tl.constexpr,  # tile columns
+    BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
+    GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
+    RELU: tl.constexpr,  # Z = relu(P) (else Z = P)
+    NORMALIZED: tl.constexpr,  # normalized L2 (three sums per row) rather than a squared error (one)
+    MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
+    EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
+    INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     # Loss sums per row m of this tile's channel block j (part has shape (R, num_n, M), fp32):
     #   NORMALIZED: Σ_c Z², Σ_c Z·U, Σ_c U²   → per sample ‖y‖², y·u, ‖u‖² → Σ_n ‖y/‖y‖ − u/‖u‖‖² / N
@@ -187,8 +185,8 @@ def _hint_fwd_kernel(
         BLOCK_N,
         BLOCK_K,
         GROUP_M,
-        DOT_F32,
-        PRECISION,
+        MODE,
+        EMULATE,
         INDEX_64,
     )
     z = p
@@ -208,40 +206,40 @@ def _hint_fwd_kernel(
 
 @triton.jit
 def _hint_bwd_dp_kernel(
-    s_ptr,
-    t_ptr,
-    w_ptr,
-    scale_ptr,
-    shift_ptr,
-    center_ptr,
-    coef_ptr,
-    d_ptr,
-    part_ptr,
-    M,
-    CS,
-    CT,
-    HW,
-    W,
-    NSAMPLES,
-    s_sn,
-    s_sc,
-    s_sh,
-    s_sw,
-    t_sn,
-    t_sc,
-    t_sh,
-    t_sw,
-    w_so,
-    w_si,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    RELU: tl.constexpr,
-    SUMS: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
+    t_ptr,  # (N, Ct, H, W) teacher feature U, the student's dtype, any strides
+    w_ptr,  # (Ct, Cs) regressor weight in the feature dtype (the GEMM operand)
+    scale_ptr,  # (Ct,) fp32 per-channel scale a of P = A·a + e (bias and BatchNorm folded)
+    shift_ptr,  # (Ct,) fp32 per-channel shift e
+    center_ptr,  # (Ct,) fp32 BatchNorm centre of A (mean_A, or running mean − bias)
+    coef_ptr,  # (2, N) fp32 per-sample α, β of dL/dZ = αZ + βU, grad_output folded in
+    d_ptr,  # (M, Ct) D = dL/dP, row-major, bf16 for bf16 features else fp32
+    part_ptr,  # fp32 partial sums, one slot per program (layout in the comment below)
+    M,  # rows of X: N·H·W
+    CS,  # student channels (GEMM K forward, N of dX)
+    CT,  # regressor output channels
+    HW,  # H·W: rows per sample
+    W,  # feature-map width (row m = (n·H + h)·W + w)
+    NSAMPLES,  # N: samples (rows of coef)
+    s_sn,  # student strides (elements) over N
+    s_sc,  # … over C
+    s_sh,  # … over H
+    s_sw,  # … over W
+    t_sn,  # teacher strides over N
+    t_sc,  # … over C
+    t_sh,  # … over H
+    t_sw,  # … over W
+    w_so,  # weight stride over output channels
+    w_si,  # weight stride over input channels
+    BLOCK_M: tl.constexpr,  # tile rows
+    BLOCK_N: tl.constexpr,  # tile columns
+    BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
+    GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
+    RELU: tl.constexpr,  # Z = relu(P) (else Z = P)
+    SUMS: tl.constexpr,  # also the column sums Σ dP, Σ dP·(A − centre) for BatchNorm and bias gradients
+    MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
+    EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
+    INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     # Gradient of the loss at P (before ReLU), per sample n = m // (H·W) with coefficients from the forward sums:
     #   dL/dZ = α_n Z + β_n U    (normalized: α = 2(y·u)/(N‖y‖³‖u‖), β = −2/(N‖y‖‖u‖); half_sq: α = −β = g/N;
@@ -274,8 +272,8 @@ def _hint_bwd_dp_kernel(
         BLOCK_N,
         BLOCK_K,
         GROUP_M,
-        DOT_F32,
-        PRECISION,
+        MODE,
+        EMULATE,
         INDEX_64,
     )
     z = p
@@ -288,7 +286,7 @@ def _hint_bwd_dp_kernel(
     if RELU:
         dp = tl.where(p > 0.0, dp, 0.0)
     # Padded rows load α = β = 0 and padded columns have Z = U = 0, so dP is already 0 there for the column sums.
-    tl.store(d_ptr + rows[:, None] * CT + cols[None, :], dp.to(d_ptr.dtype.element_ty), mask=ok)
+    tl.store(d_ptr + rows[:, None] * CT + cols[None, :], cast(dp, d_ptr.dtype.element_ty, EMULATE), mask=ok)
     if SUMS:
         center = tl.load(center_ptr + cols, mask=cols_ok, other=0.0)
         tl.store(part_ptr + pid_m * CT + cols, tl.sum(dp, axis=0), mask=cols_ok)
@@ -328,7 +326,7 @@ def hint_forward_sums(
     n, _, h, w = student.shape
     args = _layout_args(student, teacher, weight_lp)
     m, ct = args[0], args[2]
-    block_m, block_n = tile_for(student.dtype)
+    block_m, block_n = tile_for(student.dtype, student.device)
     num_n = triton.cdiv(ct, block_n)
     part = torch.empty((3 if normalized else 1, num_n, m), device=student.device, dtype=torch.float32)
     grid = (triton.cdiv(m, block_m) * num_n,)
@@ -344,8 +342,8 @@ def hint_forward_sums(
         BLOCK_N=block_n,
         RELU=relu,
         NORMALIZED=normalized,
-        DOT_F32=INTERPRET or student.dtype == torch.float32,
-        PRECISION=dot_precision(student.dtype),
+        MODE=mma_mode(student.dtype),
+        EMULATE=INTERPRET,
         INDEX_64=needs_int64(student, teacher, part),
         **fixed_meta(),
     )
@@ -368,7 +366,7 @@ def hint_backward_dp(
     n = student.shape[0]
     args = _layout_args(student, teacher, weight_lp)
     m, ct = args[0], args[2]
-    block_m, block_n = tile_for(student.dtype)
+    block_m, block_n = tile_for(student.dtype, student.device)
     num_m = triton.cdiv(m, block_m)
     d = torch.empty((m, ct), device=student.device, dtype=grad_dtype)
     part = torch.empty((2, num_m, ct) if sums else (0,), device=student.device, dtype=torch.float32)
@@ -390,8 +388,8 @@ def hint_backward_dp(
         BLOCK_N=block_n,
         RELU=relu,
         SUMS=sums,
-        DOT_F32=INTERPRET or student.dtype == torch.float32,
-        PRECISION=dot_precision(student.dtype),
+        MODE=mma_mode(student.dtype),
+        EMULATE=INTERPRET,
         INDEX_64=needs_int64(student, teacher, d, part),
         **fixed_meta(),
     )

@@ -1,4 +1,5 @@
-"""Fused temperature-softmax KD loss + the student's cross-entropy, one streaming pass per logits row.
+"""Fused temperature-softmax KD loss + the student's cross-entropy: one streaming pass over the logits forward, one
+backward, the batch reduction folded into the forward kernel.
 
     kd, ce = fused_kd_loss(student_logits, teacher_logits, labels, temperature, reduction, tau_squared, form,
                            label_smoothing=0.0)
@@ -6,9 +7,9 @@
 The math, the traffic and the design choices are in the comment opening `_kd_loss_fwd_kernel`.
 """
 
+from __future__ import annotations
+
 import contextlib
-import math
-import os
 from typing import Optional
 
 import torch
@@ -16,226 +17,224 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .kd_loss_checks import INTERPRET, check_kd_inputs
+from .rounding import cast
+
 # Tuning constants (untuned on hardware: chosen from the Triton softmax tutorial's heuristics).
-MAX_ONE_BLOCK_C = 8192  # up to this many classes a row stays in registers between the stats and the gradient
-TWO_PASS_BLOCK_C = 4096  # block over C beyond that (the gradient pass re-reads the row, mostly from L2)
-REDUCE_BLOCK_N = 1024
+MAX_ONE_BLOCK_C = 8192  # up to this many classes a row is one block (registers); beyond, it streams in blocks
+TWO_PASS_BLOCK_C = 4096  # the block over C beyond that
+TILE_ELEMENTS = 4096  # rows per program = TILE_ELEMENTS // block (several short rows share a program)
+MAX_ROWS = 16
+PARTIALS_BLOCK = tl.constexpr(1024)  # the final, fixed-order sum of the per-program partials
 IGNORE_INDEX = tl.constexpr(-100)  # F.cross_entropy's default: such rows add nothing to ce nor to its mean's count
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for masked lanes: exp() gives 0, never NaN
 NAN = tl.constexpr(float("nan"))
-REDUCTIONS = ("batchmean", "mean", "sum")
-FORMS = ("kl", "ce")
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Triton decides at decoration time whether kernels run in its interpreter, so read the switch once, at import.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _load_block(s_row, t_row, offs, mask):
-    s = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
-    return tl.where(mask, s, NEG), tl.where(mask, t, NEG)
-
-
-@triton.jit
-def _update_stats(s, t, mask, inv_tau, m_s, d_a, m_t, d_b, acc, d_1, sum_s, KL: tl.constexpr, HAS_LABELS: tl.constexpr):
-    # Maxima are kept on the raw logits (max(s/τ) = max(s)/τ) and τ scales differences, (s − m)·(1/τ): the terms
-    # near the maximum, the ones that matter, then carry the rounding of a small number, not of |s|/τ (±1e4 logits).
-    m_s_new = tl.maximum(m_s, tl.max(s, 0))
-    m_t_new = tl.maximum(m_t, tl.max(t, 0))
-    alpha_a = tl.exp((m_s - m_s_new) * inv_tau)
-    alpha_b = tl.exp((m_t - m_t_new) * inv_tau)
-    e_a = tl.where(mask, tl.exp((s - m_s_new) * inv_tau), 0.0)
-    e_b = tl.where(mask, tl.exp((t - m_t_new) * inv_tau), 0.0)
-    # acc = Σ e_b·q, q centred on the running maxima (re-centred by `shift` when they move): no large terms cancel.
-    q = (m_s_new - s) * inv_tau
-    shift = (m_s_new - m_s) * inv_tau
-    if KL:
-        q += (t - m_t_new) * inv_tau
-        shift += (m_t - m_t_new) * inv_tau
-    acc = alpha_b * (acc + tl.where(d_b > 0, d_b * shift, 0.0)) + tl.sum(tl.where(mask, e_b * q, 0.0), 0)
-    d_a = d_a * alpha_a + tl.sum(e_a, 0)
-    d_b = d_b * alpha_b + tl.sum(e_b, 0)
-    if HAS_LABELS:
-        d_1 = d_1 * tl.exp(m_s - m_s_new) + tl.sum(tl.where(mask, tl.exp(s - m_s_new), 0.0), 0)
-        sum_s += tl.sum(tl.where(mask, s, 0.0), 0)
-    return m_s_new, d_a, m_t_new, d_b, acc, d_1, sum_s
-
-
-@triton.jit
-def _store_grad(g_row, offs, mask, s, t, inv_tau, m_s, log_d_a, m_t, log_d_b):
-    # P_S − P_T unscaled: ~kd_scale/τ (1e-7 for "mean") would be fp16 subnormals; backward applies the scale in fp32.
-    g = tl.exp((s - m_s) * inv_tau - log_d_a) - tl.exp((t - m_t) * inv_tau - log_d_b)
-    tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask)
+STATS = 5  # per row: max(s), log Σ exp((s − max)/τ), max(t), log Σ exp((t − max)/τ), log Σ exp(s − max)
 
 
 @triton.jit
 def _kd_loss_fwd_kernel(
-    s_ptr,
-    s_stride,
-    t_ptr,
-    t_stride,
-    y_ptr,
-    y_stride,
-    g_ptr,
-    g_stride,
-    rows_ptr,
-    lse_ptr,
-    N,
-    C,
-    inv_tau,
-    eps,
-    BLOCK_C: tl.constexpr,
-    ONE_BLOCK: tl.constexpr,
-    KL: tl.constexpr,
-    HAS_LABELS: tl.constexpr,
-    STORE_GRAD: tl.constexpr,
+    s_ptr,  # (N, C) student logits, fp32/bf16/fp16, unit stride over classes
+    t_ptr,  # (N, C) teacher logits, the student's dtype
+    y_ptr,  # (N,) int64 labels (−100: ignored); a placeholder, never read, without labels
+    stats_ptr,  # (N, STATS) fp32 out: the row statistics the backward rebuilds the softmaxes from
+    part_ptr,  # (programs, 3) fp32 scratch: each program's Σ kd_row, Σ ce_row, valid-label count
+    ticket_ptr,  # (1,) int32, zero on entry: counts finished programs; the last one resets it to 0
+    kd_ptr,  # () fp32 out: kd
+    ce_ptr,  # () fp32 out: ce (0 without labels)
+    n_valid_ptr,  # () fp32 out: the number of rows whose label is not ignored
+    N,  # rows
+    C_VEC,  # classes / VEC (so the compiler knows C is a multiple of VEC)
+    s_stride_vec,  # student row stride / VEC
+    t_stride_vec,  # teacher row stride / VEC
+    y_stride,  # label stride
+    inv_tau,  # 1 / temperature
+    eps,  # label smoothing ε
+    kd_scale,  # [τ²] / {N | N·C | 1}: turns Σ kd_row into kd
+    VEC: tl.constexpr,  # the largest of 8, 4, 2, 1 dividing C and both row strides: aligned vector loads
+    ROWS: tl.constexpr,  # rows per program
+    BLOCK_C: tl.constexpr,  # classes per step of the sweep
+    KL: tl.constexpr,  # "kl" form (else the paper's cross-entropy form)
+    HAS_LABELS: tl.constexpr,  # also the student's cross-entropy on labels
+    EMULATE: tl.constexpr,  # unused here; kept so both KD kernels take the same precision switch
 ):
-    # One program per row. a = s/τ, b = t/τ, P_S = softmax(a), P_T = softmax(b); m = running max, d = Σ exp(x − m):
+    # ROWS rows per program. a = s/τ, b = t/τ, P_S = softmax(a), P_T = softmax(b); m = running max, d = Σ exp(x − m):
     #   kl      = Σ P_T (log P_T − log P_S) = Σ P_T ((b − m_b) − (a − m_a)) + log d_a − log d_b
     #   ce form = −Σ P_T log P_S            = Σ P_T (m_a − a) + log d_a      (the FitNets paper's H(P_T^τ, P_S^τ))
     #   d(kd_row)/ds = (P_S − P_T) / τ for both forms (Σ P_T = 1); kd = kd_scale · Σ rows, kd_scale = [τ²]/{N|N·C|1}
     #   ce_row = log d_1 + (1−ε)(m_s − s_y) + ε(m_s − mean_c s)   (τ = 1: F.cross_entropy with label_smoothing ε)
     # Online (streaming) max/sum in fp32 for the student at τ and at 1 and the teacher at τ, in one sweep over C.
-    # Traffic per row of C elements of e bytes (N·C·e is one "Ce" for the batch):
-    #   forward   reads s, t: 2Ce once when C ≤ MAX_ONE_BLOCK_C (the row stays in registers for the gradient),
-    #             4Ce beyond (the gradient sweep re-reads the row, mostly from L2); writes P_S − P_T (dKD/ds up to
-    #             a constant): Ce, only when the student needs a gradient; per row 4 B kd, 4 B ce, 8 B (m_s, log d_1)
-    #             and reads the 8 B label.
-    #   backward  reads P_S − P_T (Ce), with labels also s (Ce) to rebuild dCE/ds = softmax(s) − target from the
-    #             saved (m_s, log d_1), writes grad_s (Ce). fwd+bwd: 5Ce without labels, 6Ce with.
-    # kd and ce have independent grad_outputs, so one pre-combined gradient cannot serve both. Storing dCE/ds as well
-    # costs 7Ce (2Ce written, 2Ce re-read); 8 B/row plus a re-read of s is the cheaper way to keep backward a single
-    # elementwise sweep. (Recomputing everything in backward instead is 5Ce with or without labels, 2Ce for a
-    # forward alone, but makes backward a second full softmax over s and t and keeps t alive until then.)
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * s_stride
-    t_row = t_ptr + row * t_stride
-    g_row = g_ptr + row * g_stride
+    # Traffic, with Ce = N·C·element_size: forward reads s and t once (2Ce) and writes 20 B of statistics per row;
+    # backward (_kd_loss_bwd_kernel) reads s and t again and writes grad_s: 3Ce. fwd+bwd 5Ce, labels or not.
+    # Why recompute: kd and ce have independent grad_outputs, so no single gradient can be stored by the forward.
+    # Storing P_S − P_T (Ce) and re-reading s for ce's part costs 6Ce; storing both parts 7Ce. With the gradient
+    # scales known only in backward, 5Ce is the least any split of the work moves (the backward needs two
+    # N × C quantities and must write one). The teacher logits stay alive until backward (the trainer keeps them).
+    # Reduction: each program writes its partial sums, takes a ticket, and the last program sums the partials in
+    # program order: deterministic, in this one launch (the ticket counter is zeroed by a memset before it).
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    C = C_VEC * VEC
+    s_rows = s_ptr + rows64[:, None] * (s_stride_vec * VEC)
+    t_rows = t_ptr + rows64[:, None] * (t_stride_vec * VEC)
     cols = tl.arange(0, BLOCK_C)
-    m_s = tl.full((), NEG, tl.float32)
-    m_t = tl.full((), NEG, tl.float32)
-    d_a = tl.zeros((), tl.float32)
-    d_b = tl.zeros((), tl.float32)
-    acc = tl.zeros((), tl.float32)
-    d_1 = tl.zeros((), tl.float32)
-    sum_s = tl.zeros((), tl.float32)
-    if ONE_BLOCK:
-        mask = cols < C
-        s, t = _load_block(s_row, t_row, cols, mask)
-        m_s, d_a, m_t, d_b, acc, d_1, sum_s = _update_stats(
-            s, t, mask, inv_tau, m_s, d_a, m_t, d_b, acc, d_1, sum_s, KL, HAS_LABELS
-        )
-    else:
-        for start in range(0, C, BLOCK_C):
-            offs = start + cols
-            mask = offs < C
-            s, t = _load_block(s_row, t_row, offs, mask)
-            m_s, d_a, m_t, d_b, acc, d_1, sum_s = _update_stats(
-                s, t, mask, inv_tau, m_s, d_a, m_t, d_b, acc, d_1, sum_s, KL, HAS_LABELS
-            )
-    log_d_a = tl.log(d_a)
-    log_d_b = tl.log(d_b)
+    m_s = tl.full((ROWS,), NEG, tl.float32)
+    m_t = tl.full((ROWS,), NEG, tl.float32)
+    d_a = tl.zeros((ROWS,), tl.float32)
+    d_b = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS,), tl.float32)
+    d_1 = tl.zeros((ROWS,), tl.float32)
+    sum_s = tl.zeros((ROWS,), tl.float32)
+    for start in range(0, C, BLOCK_C):
+        offs = start + cols
+        mask = row_ok[:, None] & (offs < C)[None, :]
+        s = tl.where(mask, tl.load(s_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32), NEG)
+        t = tl.where(mask, tl.load(t_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32), NEG)
+        # Maxima stay on the raw logits (max(s/τ) = max(s)/τ) and τ scales differences, (s − m)·(1/τ): the terms
+        # near the maximum, the ones that matter, then carry the rounding of a small number, not of |s|/τ.
+        m_s_new = tl.maximum(m_s, tl.max(s, 1))
+        m_t_new = tl.maximum(m_t, tl.max(t, 1))
+        alpha_a = tl.exp((m_s - m_s_new) * inv_tau)
+        alpha_b = tl.exp((m_t - m_t_new) * inv_tau)
+        e_a = tl.where(mask, tl.exp((s - m_s_new[:, None]) * inv_tau), 0.0)
+        e_b = tl.where(mask, tl.exp((t - m_t_new[:, None]) * inv_tau), 0.0)
+        # acc = Σ e_b·q, q centred on the running maxima (re-centred by `shift` when they move): no large terms cancel.
+        q = (m_s_new[:, None] - s) * inv_tau
+        shift = (m_s_new - m_s) * inv_tau
+        if KL:
+            q += (t - m_t_new[:, None]) * inv_tau
+            shift += (m_t - m_t_new) * inv_tau
+        acc = alpha_b * (acc + tl.where(d_b > 0, d_b * shift, 0.0)) + tl.sum(tl.where(mask, e_b * q, 0.0), 1)
+        d_a = d_a * alpha_a + tl.sum(e_a, 1)
+        d_b = d_b * alpha_b + tl.sum(e_b, 1)
+        if HAS_LABELS:
+            e_1 = tl.where(mask, tl.exp(s - m_s_new[:, None]), 0.0)
+            d_1 = d_1 * tl.exp(m_s - m_s_new) + tl.sum(e_1, 1)
+            sum_s += tl.sum(tl.where(mask, s, 0.0), 1)
+        m_s, m_t = m_s_new, m_t_new
+    # Rows past N saw only masked lanes: give them d = 1 so that nothing below takes log(0) or divides by 0.
+    d_a, d_b, d_1 = tl.where(row_ok, d_a, 1.0), tl.where(row_ok, d_b, 1.0), tl.where(row_ok, d_1, 1.0)
+    log_d_a, log_d_b = tl.log(d_a), tl.log(d_b)
     kd_row = acc / d_b + log_d_a
     if KL:
         kd_row -= log_d_b
-    tl.store(rows_ptr + row, kd_row)
-    if STORE_GRAD:
-        if ONE_BLOCK:
-            _store_grad(g_row, cols, mask, s, t, inv_tau, m_s, log_d_a, m_t, log_d_b)
-        else:
-            for start in range(0, C, BLOCK_C):
-                offs = start + cols
-                mask = offs < C
-                s, t = _load_block(s_row, t_row, offs, mask)
-                _store_grad(g_row, offs, mask, s, t, inv_tau, m_s, log_d_a, m_t, log_d_b)
+    stats = stats_ptr + rows64 * 5
+    tl.store(stats, m_s, mask=row_ok)
+    tl.store(stats + 1, log_d_a, mask=row_ok)
+    tl.store(stats + 2, m_t, mask=row_ok)
+    tl.store(stats + 3, log_d_b, mask=row_ok)
+    ce_sum = 0.0
+    valid_sum = 0.0
     if HAS_LABELS:
-        y = tl.load(y_ptr + row * y_stride)
+        y = tl.load(y_ptr + rows64 * y_stride, mask=row_ok, other=IGNORE_INDEX)
         valid = y != IGNORE_INDEX
         in_range = (y >= 0) & (y < C)
-        s_y = tl.load(s_row + tl.where(in_range, y, 0)).to(tl.float32)
+        s_y = tl.load(s_ptr + rows64 * (s_stride_vec * VEC) + tl.where(in_range, y, 0), mask=row_ok, other=0.0)
         log_d_1 = tl.log(d_1)
-        ce_row = log_d_1 + (1.0 - eps) * (m_s - s_y) + eps * (m_s - sum_s / C)
+        ce_row = log_d_1 + (1.0 - eps) * (m_s - s_y.to(tl.float32)) + eps * (m_s - sum_s / C)
         # An out-of-range label cannot raise without a host sync: it turns ce (and its gradient row) into NaN.
-        ce_row = tl.where(valid, tl.where(in_range, ce_row, NAN), 0.0)
-        tl.store(rows_ptr + N + row, ce_row)
-        # Backward rebuilds softmax(s) as exp((s − m) − log d), as precise as the forward: keep both (8 B/row).
-        tl.store(lse_ptr + 2 * row, m_s)
-        tl.store(lse_ptr + 2 * row + 1, tl.where(in_range | ~valid, log_d_1, NAN))
+        ce_sum = tl.sum(tl.where(valid, tl.where(in_range, ce_row, NAN), 0.0), 0)
+        valid_sum = tl.sum(tl.where(valid, 1.0, 0.0), 0)
+        tl.store(stats + 4, tl.where(in_range | ~valid, log_d_1, NAN), mask=row_ok)
+    tl.store(part_ptr + pid * 3, tl.sum(tl.where(row_ok, kd_row, 0.0), 0))
+    tl.store(part_ptr + pid * 3 + 1, ce_sum)
+    tl.store(part_ptr + pid * 3 + 2, valid_sum)
+    # acq_rel: this program's partials are visible before its ticket; the last program sees every partial.
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        _sum_partials(part_ptr, kd_ptr, ce_ptr, n_valid_ptr, tl.num_programs(0), kd_scale, HAS_LABELS)
+        tl.store(ticket_ptr, 0)
 
 
 @triton.jit
-def _kd_loss_reduce_kernel(
-    rows_ptr, y_ptr, y_stride, kd_ptr, ce_ptr, n_valid_ptr, N, kd_scale, BLOCK_N: tl.constexpr, HAS_LABELS: tl.constexpr
-):
-    # One program sums the per-row results in a fixed order: deterministic, unlike atomics. Reads 12-16 B per row.
-    cols = tl.arange(0, BLOCK_N)
-    kd = tl.zeros((BLOCK_N,), tl.float32)
-    ce = tl.zeros((BLOCK_N,), tl.float32)
-    n_valid = tl.zeros((BLOCK_N,), tl.float32)
-    for start in range(0, N, BLOCK_N):
-        offs = start + cols
-        mask = offs < N
-        kd += tl.load(rows_ptr + offs, mask=mask, other=0.0)
-        if HAS_LABELS:
-            ce += tl.load(rows_ptr + N + offs, mask=mask, other=0.0)
-            y = tl.load(y_ptr + offs.to(tl.int64) * y_stride, mask=mask, other=IGNORE_INDEX)
-            n_valid += tl.where(y != IGNORE_INDEX, 1.0, 0.0)
+def _sum_partials(part_ptr, kd_ptr, ce_ptr, n_valid_ptr, programs, kd_scale, HAS_LABELS: tl.constexpr):
+    # The second level of the reduction, in program order (deterministic): reads 12 B per program.
+    idx = tl.arange(0, PARTIALS_BLOCK)
+    kd = tl.zeros((PARTIALS_BLOCK,), tl.float32)
+    ce = tl.zeros((PARTIALS_BLOCK,), tl.float32)
+    n_valid = tl.zeros((PARTIALS_BLOCK,), tl.float32)
+    for start in range(0, programs, PARTIALS_BLOCK):
+        p = start + idx
+        ok = p < programs
+        kd += tl.load(part_ptr + p * 3, mask=ok, other=0.0, volatile=True)
+        ce += tl.load(part_ptr + p * 3 + 1, mask=ok, other=0.0, volatile=True)
+        n_valid += tl.load(part_ptr + p * 3 + 2, mask=ok, other=0.0, volatile=True)
     tl.store(kd_ptr, tl.sum(kd, 0) * kd_scale)
+    count = tl.sum(n_valid, 0)
+    tl.store(n_valid_ptr, count)
     if HAS_LABELS:
-        count = tl.sum(n_valid, 0)
         tl.store(ce_ptr, tl.sum(ce, 0) / count)  # all rows ignored: 0/0 = NaN, as F.cross_entropy
-        tl.store(n_valid_ptr, count)
-    else:  # defined values in the unused outputs
-        tl.store(ce_ptr, 0.0)
-        tl.store(n_valid_ptr, 0.0)
+    else:
+        tl.store(ce_ptr, 0.0)  # a defined value in the unused output
 
 
 @triton.jit
 def _kd_loss_bwd_kernel(
-    gkd_ptr,
-    gkd_stride,
-    s_ptr,
-    s_stride,
-    y_ptr,
-    y_stride,
-    lse_ptr,
-    out_ptr,
-    out_stride,
-    grad_kd_ptr,
-    grad_ce_ptr,
-    n_valid_ptr,
-    C,
-    kd_grad_scale,
-    eps,
-    BLOCK_C: tl.constexpr,
-    HAS_LABELS: tl.constexpr,
+    s_ptr,  # (N, C) student logits, unit stride over classes
+    t_ptr,  # (N, C) teacher logits
+    y_ptr,  # (N,) int64 labels; a placeholder without labels
+    stats_ptr,  # (N, STATS) fp32: the forward's row statistics
+    out_ptr,  # (N, C) out: grad_s in the logits' dtype, row-major
+    grad_kd_ptr,  # () fp32: kd's grad_output, read on the device (no host sync)
+    grad_ce_ptr,  # () fp32: ce's grad_output
+    n_valid_ptr,  # () fp32: the forward's count of rows with a label
+    N,  # rows
+    C_VEC,  # classes / VEC
+    s_stride_vec,  # student row stride / VEC
+    t_stride_vec,  # teacher row stride / VEC
+    y_stride,  # label stride
+    inv_tau,  # 1 / temperature
+    eps,  # label smoothing ε
+    kd_grad_scale,  # kd_scale / τ
+    VEC: tl.constexpr,  # as in the forward
+    ROWS: tl.constexpr,  # rows per program
+    BLOCK_C: tl.constexpr,  # classes per step
+    HAS_LABELS: tl.constexpr,  # add ce's gradient
+    EMULATE: tl.constexpr,  # interpreter: round the bf16 store to nearest even, as the GPU does
 ):
-    # grad_s = grad_kd · kd_scale/τ · (P_S − P_T) (saved by the forward)
-    #        + grad_ce · (softmax(s) − (1−ε)·onehot(y) − ε/C) / n_valid.
-    # Per row: read Ce (P_S − P_T), + Ce (s) with labels, write Ce. grad_outputs are read on the device: no host sync.
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
+    # grad_s = grad_kd · kd_scale/τ · (P_S − P_T) + grad_ce · (softmax(s) − (1−ε)·onehot(y) − ε/C) / n_valid,
+    # every softmax rebuilt from the forward's (max, log Σ exp). Reads s, t (2Ce), writes grad_s (Ce).
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    C = C_VEC * VEC
+    stats = stats_ptr + rows64 * 5
+    m_s = tl.load(stats, mask=row_ok, other=0.0)
+    log_d_a = tl.load(stats + 1, mask=row_ok, other=0.0)
+    m_t = tl.load(stats + 2, mask=row_ok, other=0.0)
+    log_d_b = tl.load(stats + 3, mask=row_ok, other=0.0)
     g_kd = tl.load(grad_kd_ptr) * kd_grad_scale
     if HAS_LABELS:
-        y = tl.load(y_ptr + row * y_stride)
-        m_s = tl.load(lse_ptr + 2 * row)
-        log_d_1 = tl.load(lse_ptr + 2 * row + 1)
+        y = tl.load(y_ptr + rows64 * y_stride, mask=row_ok, other=IGNORE_INDEX)
+        log_d_1 = tl.load(stats + 4, mask=row_ok, other=0.0)
         row_scale = tl.where(y != IGNORE_INDEX, tl.load(grad_ce_ptr) / tl.load(n_valid_ptr), 0.0)
+    cols = tl.arange(0, BLOCK_C)
     for start in range(0, C, BLOCK_C):
         offs = start + cols
-        mask = offs < C
-        g = g_kd * tl.load(gkd_ptr + row * gkd_stride + offs, mask=mask, other=0.0).to(tl.float32)
+        mask = row_ok[:, None] & (offs < C)[None, :]
+        s = tl.load(s_ptr + rows64[:, None] * (s_stride_vec * VEC) + offs[None, :], mask=mask, other=0.0)
+        t = tl.load(t_ptr + rows64[:, None] * (t_stride_vec * VEC) + offs[None, :], mask=mask, other=0.0)
+        s = tl.where(mask, s.to(tl.float32), m_s[:, None])  # masked lanes at the maximum: exp() stays finite
+        t = tl.where(mask, t.to(tl.float32), m_t[:, None])
+        p_s = tl.exp((s - m_s[:, None]) * inv_tau - log_d_a[:, None])
+        p_t = tl.exp((t - m_t[:, None]) * inv_tau - log_d_b[:, None])
+        g = g_kd * (p_s - p_t)
         if HAS_LABELS:
-            s = tl.load(s_ptr + row * s_stride + offs, mask=mask, other=0.0).to(tl.float32)
-            s = tl.where(mask, s, m_s)  # keeps exp() finite in masked lanes
-            target = tl.where(offs == y, 1.0 - eps, 0.0) + eps / C
-            g += row_scale * (tl.exp((s - m_s) - log_d_1) - target)
-        tl.store(out_ptr + row * out_stride + offs, g.to(out_ptr.dtype.element_ty), mask=mask)
+            target = tl.where(offs[None, :] == y[:, None], 1.0 - eps, 0.0) + eps / C
+            g += row_scale[:, None] * (tl.exp((s - m_s[:, None]) - log_d_1[:, None]) - target)
+        out = out_ptr + rows64[:, None] * C + offs[None, :]
+        tl.store(out, cast(g, out_ptr.dtype.element_ty, EMULATE), mask=mask)
 
 
-def _num_warps(block_c: int) -> int:
-    return 4 if block_c <= 2048 else 8 if block_c <= 4096 else 16
+def _launch_shape(c: int, *strides: int) -> tuple[int, int, int, int]:
+    """(VEC, BLOCK_C, ROWS, num_warps) for rows of c classes."""
+    vec = next(v for v in (8, 4, 2, 1) if all(x % v == 0 for x in (c, *strides)))
+    block_c = triton.next_power_of_2(c) if c <= MAX_ONE_BLOCK_C else TWO_PASS_BLOCK_C
+    rows = max(1, min(MAX_ROWS, TILE_ELEMENTS // block_c))
+    elements = rows * block_c
+    return vec, block_c, rows, 4 if elements <= 2048 else 8 if elements <= 4096 else 16
 
 
 def _device_guard(device: torch.device):
@@ -247,99 +246,77 @@ def _kd_scale(n: int, c: int, temperature: float, reduction: str, tau_squared: b
     return (temperature**2 if tau_squared else 1.0) / {"batchmean": n, "mean": n * c, "sum": 1}[reduction]
 
 
-def _kd_loss_forward(
-    s: Tensor,
-    t: Tensor,
-    labels: Optional[Tensor],
-    temperature: float,
-    reduction: str,
-    tau_squared: bool,
-    form: str,
-    label_smoothing: float,
-    store_grad: bool,
-):
+def _kd_loss_forward(s, t, labels, temperature, reduction, tau_squared, form, label_smoothing):
     n, c = s.shape
     has_labels = labels is not None
-    kd_scale = _kd_scale(n, c, temperature, reduction, tau_squared)
     f32 = {"dtype": torch.float32, "device": s.device}
-    rows = torch.empty((2 if has_labels else 1) * n, **f32)  # per-row kd, then per-row ce
-    grad = torch.empty((n, c) if store_grad else (0,), dtype=s.dtype, device=s.device)
-    lse = torch.empty((n, 2) if has_labels else (0,), **f32)  # per row: max(s), log Σ exp(s − max)
-    kd, ce, n_valid = torch.empty((), **f32), torch.empty((), **f32), torch.empty((), **f32)
-    y, y_stride = (labels, labels.stride(0)) if has_labels else (rows, 0)  # rows: a placeholder pointer, never read
-    one_block = c <= MAX_ONE_BLOCK_C
-    block_c = triton.next_power_of_2(c) if one_block else TWO_PASS_BLOCK_C
+    vec, block_c, rows, warps = _launch_shape(c, s.stride(0), t.stride(0))
+    programs = triton.cdiv(n, rows)
+    stats = torch.empty((n, STATS), **f32)
+    partials = torch.empty((programs, 3), **f32)
+    kd, ce, n_valid = (torch.empty((), **f32) for _ in range(3))
+    ticket = torch.zeros((1,), dtype=torch.int32, device=s.device)
+    y, y_stride = (labels, labels.stride(0)) if has_labels else (stats, 0)  # stats: a placeholder, never read
     with _device_guard(s.device):
-        _kd_loss_fwd_kernel[(n,)](
+        _kd_loss_fwd_kernel[(programs,)](
             s,
-            s.stride(0),
             t,
-            t.stride(0),
             y,
-            y_stride,
-            grad,
-            c if store_grad else 0,
-            rows,
-            lse,
+            stats,
+            partials,
+            ticket,
+            kd,
+            ce,
+            n_valid,
             n,
-            c,
+            c // vec,
+            s.stride(0) // vec,
+            t.stride(0) // vec,
+            y_stride,
             1.0 / temperature,
             label_smoothing,
+            _kd_scale(n, c, temperature, reduction, tau_squared),
+            VEC=vec,
+            ROWS=rows,
             BLOCK_C=block_c,
-            ONE_BLOCK=one_block,
             KL=form == "kl",
             HAS_LABELS=has_labels,
-            STORE_GRAD=store_grad,
-            num_warps=_num_warps(block_c),
+            EMULATE=INTERPRET,
+            num_warps=warps,
         )
-        _kd_loss_reduce_kernel[(1,)](
-            rows, y, y_stride, kd, ce, n_valid, n, kd_scale, BLOCK_N=REDUCE_BLOCK_N, HAS_LABELS=has_labels, num_warps=4
-        )
-    return kd, ce, grad, lse, n_valid
+    return kd, ce, n_valid, stats
 
 
-def _kd_loss_backward(
-    grad_buf: Tensor,
-    s: Optional[Tensor],
-    labels: Optional[Tensor],
-    lse: Tensor,
-    n_valid: Tensor,
-    grad_kd: Tensor,
-    grad_ce: Tensor,
-    temperature: float,
-    reduction: str,
-    tau_squared: bool,
-    label_smoothing: float,
-) -> Tensor:
-    n, c = grad_buf.shape
-    kd_grad_scale = _kd_scale(n, c, temperature, reduction, tau_squared) / temperature
-    out = torch.empty_like(grad_buf)
+def _kd_loss_backward(s, t, labels, stats, grads, temperature, reduction, tau_squared, label_smoothing):
+    n, c = s.shape
     has_labels = labels is not None
-    s_arg, s_stride = (s, s.stride(0)) if has_labels else (grad_buf, 0)  # placeholders, never read without labels
-    y, y_stride = (labels, labels.stride(0)) if has_labels else (grad_buf, 0)
-    block_c = min(triton.next_power_of_2(c), TWO_PASS_BLOCK_C)
-    with _device_guard(grad_buf.device):
-        _kd_loss_bwd_kernel[(n,)](
-            grad_buf,
-            c,
-            s_arg,
-            s_stride,
+    grad = torch.empty((n, c), dtype=s.dtype, device=s.device)
+    vec, block_c, rows, warps = _launch_shape(c, s.stride(0), t.stride(0))
+    y, y_stride = (labels, labels.stride(0)) if has_labels else (stats, 0)
+    with _device_guard(s.device):
+        _kd_loss_bwd_kernel[(triton.cdiv(n, rows),)](
+            s,
+            t,
             y,
+            stats,
+            grad,
+            *grads,
+            n,
+            c // vec,
+            s.stride(0) // vec,
+            t.stride(0) // vec,
             y_stride,
-            lse,
-            out,
-            c,
-            grad_kd,
-            grad_ce,
-            n_valid,
-            c,
-            kd_grad_scale,
+            1.0 / temperature,
             label_smoothing,
+            _kd_scale(n, c, temperature, reduction, tau_squared) / temperature,
+            VEC=vec,
+            ROWS=rows,
             BLOCK_C=block_c,
             HAS_LABELS=has_labels,
-            num_warps=_num_warps(block_c),
+            EMULATE=INTERPRET,
+            num_warps=warps,
         )
-    return out
+    return grad
 
 
 @torch.library.custom_op("fastfit::kd_loss_fwd", mutates_args=())
@@ -352,112 +329,56 @@ def _kd_loss_fwd_op(
     tau_squared: bool,
     form: str,
     label_smoothing: float,
-    store_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _kd_loss_forward(s, t, labels, temperature, reduction, tau_squared, form, label_smoothing, store_grad)
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _kd_loss_forward(s, t, labels, temperature, reduction, tau_squared, form, label_smoothing)
 
 
 @_kd_loss_fwd_op.register_fake
-def _(s, t, labels, temperature, reduction, tau_squared, form, label_smoothing, store_grad):
-    n, c = s.shape
+def _(s, t, labels, temperature, reduction, tau_squared, form, label_smoothing):
     scalar = lambda: s.new_empty((), dtype=torch.float32)  # noqa: E731
-    return (
-        scalar(),
-        scalar(),
-        s.new_empty((n, c) if store_grad else (0,)),
-        s.new_empty((n, 2) if labels is not None else (0,), dtype=torch.float32),
-        scalar(),
-    )
+    return scalar(), scalar(), scalar(), s.new_empty((s.shape[0], STATS), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastfit::kd_loss_bwd", mutates_args=())
 def _kd_loss_bwd_op(
-    grad_buf: Tensor,
-    s: Optional[Tensor],
+    s: Tensor,
+    t: Tensor,
     labels: Optional[Tensor],
-    lse: Tensor,
-    n_valid: Tensor,
+    stats: Tensor,
     grad_kd: Tensor,
     grad_ce: Tensor,
+    n_valid: Tensor,
     temperature: float,
     reduction: str,
     tau_squared: bool,
     label_smoothing: float,
 ) -> Tensor:
-    return _kd_loss_backward(
-        grad_buf, s, labels, lse, n_valid, grad_kd, grad_ce, temperature, reduction, tau_squared, label_smoothing
-    )
+    grads = (grad_kd, grad_ce, n_valid)
+    return _kd_loss_backward(s, t, labels, stats, grads, temperature, reduction, tau_squared, label_smoothing)
 
 
 @_kd_loss_bwd_op.register_fake
-def _(grad_buf, s, labels, lse, n_valid, grad_kd, grad_ce, temperature, reduction, tau_squared, label_smoothing):
-    return torch.empty_like(grad_buf)
+def _(s, t, labels, stats, grad_kd, grad_ce, n_valid, temperature, reduction, tau_squared, label_smoothing):
+    return torch.empty_like(s, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    s, _t, labels, temperature, reduction, tau_squared, _form, label_smoothing, store_grad = inputs
-    _kd, _ce, grad_buf, lse, n_valid = output
-    ctx.store_grad, ctx.scalars = store_grad, (temperature, reduction, tau_squared, label_smoothing)
-    if store_grad:  # s is kept only when ce's gradient must be rebuilt from it
-        ctx.save_for_backward(grad_buf, s if labels is not None else None, labels, lse, n_valid)
+    s, t, labels, temperature, reduction, tau_squared, _form, label_smoothing = inputs
+    _kd, _ce, n_valid, stats = output
+    ctx.scalars = (temperature, reduction, tau_squared, label_smoothing)
+    ctx.save_for_backward(s, t, labels, stats, n_valid)
 
 
-def _backward(ctx, grad_kd, grad_ce, _grad_buf, _grad_lse, _grad_n_valid):
-    if not ctx.store_grad:  # only the teacher asked for a gradient, and it never gets one
-        return (None,) * 9
-    grad_buf, s, labels, lse, n_valid = ctx.saved_tensors
-    zero = grad_buf.new_zeros((), dtype=torch.float32)
+def _backward(ctx, grad_kd, grad_ce, _grad_n_valid, _grad_stats):
+    s, t, labels, stats, n_valid = ctx.saved_tensors
+    zero = stats.new_zeros(())  # only for an output that was not used
     grad_kd = zero if grad_kd is None else grad_kd.float()
     grad_ce = zero if grad_ce is None else grad_ce.float()
-    grad_s = _kd_loss_bwd_op(grad_buf, s, labels, lse, n_valid, grad_kd, grad_ce, *ctx.scalars)
-    return (grad_s,) + (None,) * 8
+    grad_s = _kd_loss_bwd_op(s, t, labels, stats, grad_kd, grad_ce, n_valid, *ctx.scalars)
+    return (grad_s,) + (None,) * 7
 
 
 _kd_loss_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _check_inputs(s, t, labels, temperature, reduction, tau_squared, form, label_smoothing) -> None:
-    for name, x in (("student_logits", s), ("teacher_logits", t)):
-        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
-            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"expected {name} as a non-empty (N, C) tensor, got {got}")
-        if x.dtype not in DTYPES:
-            raise ValueError(f"expected {name} in float32/bfloat16/float16, got {x.dtype}")
-        if x.stride(1) != 1:
-            raise ValueError(
-                f"expected {name} with unit stride over classes (call .contiguous()), got strides {tuple(x.stride())}"
-            )
-    if s.shape != t.shape or s.dtype != t.dtype or s.device != t.device:
-        raise ValueError(
-            f"expected student and teacher logits of one shape, dtype and device, got "
-            f"{tuple(s.shape)} {s.dtype} {s.device} and {tuple(t.shape)} {t.dtype} {t.device}"
-        )
-    if s.device.type != "cuda" and not (s.device.type == "cpu" and _INTERPRET):
-        raise ValueError(f"expected CUDA tensors or TRITON_INTERPRET=1, got {s.device.type}")
-    if labels is not None:
-        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != s.shape[:1]:
-            got = f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, Tensor) else type(labels).__name__
-            raise ValueError(f"expected labels as an int64 tensor of shape ({s.shape[0]},) or None, got {got}")
-        if labels.device != s.device:
-            raise ValueError(f"expected labels on the logits' device {s.device}, got {labels.device}")
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not (math.isfinite(temperature) and temperature > 0)
-    ):
-        raise ValueError(f"expected temperature as a finite Python number > 0, got {temperature!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"expected reduction in {REDUCTIONS}, got {reduction!r}")
-    if form not in FORMS:
-        raise ValueError(f"expected form in {FORMS}, got {form!r}")
-    if not isinstance(tau_squared, bool):
-        raise ValueError(f"expected tau_squared as a bool, got {tau_squared!r}")
-    if (
-        isinstance(label_smoothing, bool)
-        or not isinstance(label_smoothing, (int, float))
-        or not (0.0 <= label_smoothing <= 1.0)
-    ):
-        raise ValueError(f"expected label_smoothing as a number in [0, 1], got {label_smoothing!r}")
 
 
 def fused_kd_loss(
@@ -472,15 +393,29 @@ def fused_kd_loss(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Temperature KD of the student on the teacher (+ the student's cross-entropy on labels), fused.
 
-    kd: 0-dim fp32, `form` "kl" Σ P_T (log P_T − log P_S) or "ce" −Σ P_T log P_S at temperature τ, reduced by
-    `reduction` ("batchmean" /N, "mean" /(N·C), "sum"), × τ² when `tau_squared`. ce: 0-dim fp32, exactly
-    F.cross_entropy(student_logits.float(), labels, label_smoothing=ε) (ignore_index −100 rows skipped), or None
-    without labels. Only student_logits gets a gradient: the teacher is detached even if it requires grad.
-    A label outside [0, C) other than −100 makes ce and that row's gradient NaN (checking it would sync the host).
+    Args:
+        student_logits: (N, C) fp32/bf16/fp16 on CUDA (or CPU under TRITON_INTERPRET=1), unit stride over classes.
+            The only input that gets a gradient.
+        teacher_logits: (N, C), the student's dtype and device; detached even if it requires grad.
+        labels: (N,) int64 class indices for the student's cross-entropy, −100 to ignore a row; or None.
+        temperature: τ > 0, a Python number.
+        reduction: "batchmean" (Σ/N), "mean" (Σ/(N·C), MMRazor) or "sum".
+        tau_squared: multiply kd by τ² (Hinton et al.), keeping its gradient's scale independent of τ.
+        form: "kl" Σ P_T (log P_T − log P_S), or "ce" −Σ P_T log P_S (the FitNets paper's H(P_T^τ, P_S^τ)).
+        label_smoothing: ε in [0, 1] for the cross-entropy, as F.cross_entropy's.
+
+    Returns:
+        (kd, ce): 0-dim fp32 tensors; ce is exactly F.cross_entropy(student_logits.float(), labels,
+        label_smoothing=ε) with ignored rows skipped, or None without labels. Forward and backward are one Triton
+        launch each (plus a 4-byte memset), with no host sync: CUDA-graph capturable.
+
+    Raises:
+        ValueError: a tensor of the wrong rank, dtype, device, shape or class stride, or a scalar argument out of
+            its range; the message names the argument and what was expected. A label outside [0, C) other than
+            −100 is not detected (that would sync the host): it makes ce and that row's gradient NaN.
     """
-    _check_inputs(student_logits, teacher_logits, labels, temperature, reduction, tau_squared, form, label_smoothing)
-    store_grad = torch.is_grad_enabled() and student_logits.requires_grad  # no gradient write for eval-only calls
-    kd, ce, _grad, _lse, _n_valid = _kd_loss_fwd_op(
+    check_kd_inputs(student_logits, teacher_logits, labels, temperature, reduction, tau_squared, form, label_smoothing)
+    kd, ce, _n_valid, _stats = _kd_loss_fwd_op(
         student_logits,
         teacher_logits.detach(),
         labels,
@@ -489,6 +424,5 @@ def fused_kd_loss(
         tau_squared,
         form,
         float(label_smoothing),
-        store_grad,
     )
     return kd, ce if labels is not None else None

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastfit.kernels.kd_loss as kd_module
+import fastfit.kernels.kd_loss_checks as kd_checks
 from fastfit.distill.losses import KDLoss
 from fastfit.kernels import fused_kd_loss
 
@@ -323,7 +324,7 @@ def test_bad_inputs_are_named(index):
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.setattr(kd_module, "_INTERPRET", False)
+    monkeypatch.setattr(kd_checks, "INTERPRET", False)
     with pytest.raises(ValueError, match="expected CUDA tensors or TRITON_INTERPRET=1, got cpu"):
         fused_kd_loss(torch.randn(2, 5), torch.randn(2, 5), None, 3.0, "batchmean", True, "kl")
 

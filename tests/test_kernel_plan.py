@@ -1,0 +1,36 @@
+"""scripts/bench_kernels.py --plan (fastfit.perf.kernel_bench.plan): the modeled launches, bytes and floors of the KD
+op against hand-counted values. Runs in a subprocess without TRITON_INTERPRET (it compiles for sm_90a)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+CODE = """
+import json, sys
+from fastfit.perf.kernel_bench.plan import plan
+print(json.dumps(plan(["kd 8192x1000 float32", "kd 256x1000 bfloat16"])))
+"""
+
+
+def test_kd_plan_counts_five_passes_and_three_launches():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    rows = {row["op"]: row for row in report["ops"]}
+    big = rows["kd 8192x1000 float32"]
+    n, c = 8192, 1000
+    # forward reads s and t; backward reads s and t and writes grad_s: 5 N·C·4 bytes, plus per-row statistics,
+    # labels (read twice) and the partial sums — under 1 % on top
+    passes = 5 * n * c * 4
+    assert passes <= big["modeled_mb"] * 1e6 <= passes * 1.01
+    assert (big["launches"], big["triton_launches"], big["torch_launches"]) == (3, 2, 1)  # memset, fwd, bwd
+    bandwidth = 4.8e12  # H200 data sheet
+    assert abs(big["floor_us_H200"] - (big["modeled_mb"] * 1e6 / bandwidth * 1e6 + 3 * 1.0)) < 0.01
+    small = rows["kd 256x1000 bfloat16"]
+    assert small["floor_within_70pct"] and small["floor_us_H200"] < 0.7 * 12.0
+    assert {k["kernel"] for k in report["kernels"]} == {"_kd_loss_fwd_kernel", "_kd_loss_bwd_kernel"}
+    assert all(k["spill_bytes"] == 0 for k in report["kernels"])
