@@ -99,7 +99,7 @@ class DataConfig:
     train_subset: int = 0  # > 0: a fixed class-balanced subset of the training set
     val_subset: int = 0
     skip_bad: bool = False  # skip (and count) corrupt images instead of stopping
-    dali_threads: int | Auto = "auto"  # auto: the rank's cores (≤ 8) on CUDA, half of them on a CPU
+    dali_threads: int | Auto = "auto"  # auto: the rank's cores, at most 8
     dali_hw_decoder_load: float = 0.9
 
 

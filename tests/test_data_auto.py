@@ -50,20 +50,15 @@ def test_default_config_on_cpu_trains_from_dalis_cpu_pipeline(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("cores", "local_ranks", "cpu_threads", "cuda_threads", "workers"),
-    [(2, 1, 1, 2, 2), (16, 1, 8, 8, 8), (64, 8, 4, 8, 8), (1, 1, 1, 1, 1), (4, 8, 1, 1, 1)],
+    ("cores", "local_ranks", "threads"), [(2, 1, 2), (16, 1, 8), (64, 8, 8), (24, 8, 3), (1, 1, 1), (4, 8, 1)]
 )
-def test_loader_threads_follow_the_ranks_share_of_the_cores(
-    monkeypatch, cores, local_ranks, cpu_threads, cuda_threads, workers
-):
+def test_loader_threads_are_the_ranks_share_of_the_cores_at_most_8(monkeypatch, cores, local_ranks, threads):
     _cores(monkeypatch, cores, local_ranks)
-    cfg = DataConfig()
-    assert auto.resolve_dali_threads(cfg, CPU) == cpu_threads  # the other half computes
-    assert auto.resolve_dali_threads(cfg, CUDA) == cuda_threads
-    assert auto.resolve_workers(cfg) == workers
+    assert auto.resolve_dali_threads(DataConfig()) == threads
+    assert auto.resolve_workers(DataConfig()) == threads
 
 
 def test_explicit_thread_counts_pass_through(monkeypatch):
     _cores(monkeypatch, 2)
     cfg = DataConfig(dali_threads=5, workers=0)
-    assert auto.resolve_dali_threads(cfg, CPU) == 5 and auto.resolve_workers(cfg) == 0
+    assert auto.resolve_dali_threads(cfg) == 5 and auto.resolve_workers(cfg) == 0

@@ -346,7 +346,7 @@ def _pipeline_spec(cfg: DataConfig, env: DistEnv, channels_last: bool):
     return PipelineSpec(
         gpu=gpu,
         device_id=device_id,
-        threads=resolve_dali_threads(cfg, env),
+        threads=resolve_dali_threads(cfg),
         hw_decoder_load=cfg.dali_hw_decoder_load,
         image_size=cfg.image_size,
         mean=tuple(cfg.mean),

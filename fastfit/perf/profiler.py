@@ -73,7 +73,7 @@ def with_overrides(cfg: Config, changes: dict[str, dict[str, Any]]) -> Config:
 def _effective(cfg: Config, env: DistEnv) -> tuple:
     """What a config actually runs with on this device ("auto" resolved), to tell whether a switch changes anything."""
     backend = resolve_backend(cfg.data, env)
-    threads = resolve_dali_threads(cfg.data, env) if backend == "dali" else resolve_workers(cfg.data)
+    threads = resolve_dali_threads(cfg.data) if backend == "dali" else resolve_workers(cfg.data)
     return resolve_runtime(cfg, env.device), backend, threads
 
 
