@@ -1,5 +1,5 @@
-"""The `fastfit` command: demo, train, eval, export, profile, config, data. Thin: parse, load the config, call the
-package. It installs the console log handler (fastfit.console) before running a command.
+"""The `fastfit` command: demo, study, train, eval, export, profile, config, data. Thin: parse, load the config,
+call the package. It installs the console log handler (fastfit.console) before running a command.
 
 Bad input ends with one line naming the problem and the fix (exit code 2), not a traceback. A run stopped by a
 preemption signal exits with code 75 (EX_TEMPFAIL) after writing its checkpoint: run the same command with
@@ -56,6 +56,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fastfit.demo.run import run_demo
 
     run_demo(out=args.out, budget=args.budget, device=args.device, extra=args.overrides, progress=not args.no_progress)
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from fastfit.study.runner import run_study
+
+    try:
+        seeds = tuple(int(seed) for seed in args.seeds.split(",") if seed.strip())
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {args.seeds!r}") from None
+    run_study(
+        out=args.out,
+        budget=args.budget,
+        device=args.device,
+        seeds=seeds,
+        phase=args.phase,
+        extra=args.overrides,
+        progress=not args.no_progress,
+    )
     return 0
 
 
@@ -143,6 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     demo.add_argument("overrides", nargs="*", metavar="key.path=value", help="applied to all three runs")
     demo.set_defaults(func=cmd_demo)
+
+    study_datasets = sub.add_parser(
+        "study", help="a multi-seed study: alone / KD / FitNet / joint, tuned on a validation split"
+    ).add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    study = study_datasets.add_parser(
+        "fmnist", help="Fashion-MNIST: 3 seeds × 2 students × 4 rows, one teacher (resumable)"
+    )
+    study.add_argument("--out", default="reports/study", help="results folder (default reports/study); resumable")
+    study.add_argument(
+        "--budget", choices=["auto", "cpu", "full"], default="auto", help="auto: full on a GPU, cpu (≈30 min) otherwise"
+    )
+    study.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    study.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the final phase (default 0,1,2)")
+    study.add_argument("--phase", choices=["search", "final", "all"], default="all")
+    study.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    study.add_argument("overrides", nargs="*", metavar="key.path=value", help="applied to every run")
+    study.set_defaults(func=cmd_study)
 
     train = sub.add_parser("train", help="train with a config (also under torchrun)")
     _add_config_args(train)

@@ -41,7 +41,8 @@ class WideCNN(nn.Module):
 
 
 class ThinDeepCNN(nn.Module):
-    """Deep and thin (FitNet-style): `depth_per_stage` 3×3 convs per stage, pooling between stages."""
+    """Deep and thin (FitNet-style): `depth_per_stage` 3×3 convs per stage, pooling between stages.
+    init="kaiming": He-normal convolutions (for stacks without BatchNorm); "default": PyTorch's."""
 
     def __init__(
         self,
@@ -49,8 +50,11 @@ class ThinDeepCNN(nn.Module):
         widths: tuple[int, ...] = (8, 16, 16),
         depth_per_stage: int = 3,
         batch_norm: bool = True,
+        init: str = "default",
     ):
         super().__init__()
+        if init not in ("default", "kaiming"):
+            raise ValueError(f"init must be 'default' or 'kaiming', got {init!r}")
         cin = 3
         for index, width in enumerate(widths, start=1):
             layers: list[nn.Module] = []
@@ -62,6 +66,14 @@ class ThinDeepCNN(nn.Module):
             setattr(self, f"stage{index}", nn.Sequential(*layers))
         self.num_stages = len(widths)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+        if init == "kaiming":
+            # He et al. (2015): variance 2/fan_in keeps a plain ReLU stack's activations at scale with depth;
+            # PyTorch's default (uniform, a = √5) shrinks them layer by layer, so deep stacks without BatchNorm stall.
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
 
     def forward(self, x):
         for index in range(1, self.num_stages + 1):
