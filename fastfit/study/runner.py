@@ -30,7 +30,7 @@ from fastfit.errors import ConfigError
 from fastfit.perf.measure import environment, write_results
 from fastfit.study.plan import BUDGETS, ROWS, STUDENTS, Budget, lr_grid, row_overrides, teacher_overrides
 from fastfit.study.report import results_table
-from fastfit.study.split import ensure_study_split
+from fastfit.study.split import VAL_PER_CLASS, ensure_study_split
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +39,13 @@ SEARCH_SEED = 0
 
 
 class Study:
-    def __init__(self, out: Path, budget: Budget, device: str, extra: list[str], progress: bool):
+    def __init__(self, out: Path, budget: Budget, device: str, extra: list[str], progress: bool, data: Path):
         self.out = out
         self.budget = budget
         self.device = device
         self.extra = extra
         self.progress = progress
-        self.data = ensure_study_split(out / "data")
+        self.data = data
         self.walls: list[float] = []
         self.remaining = 0
 
@@ -122,8 +122,12 @@ def run_study(
     phase: str = "all",
     extra: list[str] | tuple[str, ...] = (),
     progress: bool = False,
+    *,
+    export: Path | None = None,
+    val_per_class: int = VAL_PER_CLASS,
 ) -> dict[str, Any]:
-    """Run (or finish) the study; returns the results written to out/study.json (and out/report.md)."""
+    """Run (or finish) the study; returns the results written to out/study.json (and out/report.md).
+    `export` and `val_per_class`: another Fashion-MNIST JPEG export and validation size (tests use small ones)."""
     if phase not in PHASES:
         raise ConfigError(f"unknown study phase {phase!r}; choose from {', '.join(PHASES)}")
     if not seeds:
@@ -135,7 +139,7 @@ def run_study(
             raise ConfigError(f"unknown study budget {budget!r}; choose from auto, {', '.join(BUDGETS)}")
         budget = BUDGETS[name]
     out = Path(out)
-    study = Study(out, budget, device, list(extra), progress)
+    study = Study(out, budget, device, list(extra), progress, ensure_study_split(out / "data", export, val_per_class))
     students = list(STUDENTS)
     search_runs = len(students) * (len(budget.lrs) + len(budget.temperatures))
     study.remaining = 1 + search_runs + (len(seeds) * len(students) * len(ROWS) if phase != "search" else 0)

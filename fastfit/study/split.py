@@ -46,18 +46,19 @@ def _link(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def ensure_study_split(root: Path, export: Path | None = None) -> Path:
-    """The study's train/val/test folders under `root`, made once from the Fashion-MNIST JPEG export."""
+def ensure_study_split(root: Path, export: Path | None = None, per_class: int = VAL_PER_CLASS) -> Path:
+    """The study's train/val/test folders under `root`, made once from the Fashion-MNIST JPEG export (`export`:
+    its folder, default the shared cache)."""
     root = Path(root)
     marker = root / "split.json"
     if marker.is_file():
         recorded = json.loads(marker.read_text())
-        if recorded.get("version") == _VERSION:
+        if recorded.get("version") == _VERSION and recorded.get("val_per_class") == per_class:
             return root
     export = ensure_fashion_mnist_jpegs(export)
     files = {int(p.stem): p for p in (export / "train").glob("*/*.jpg")}
     labels = np.array([int(files[i].parent.name.split("-", 1)[0]) for i in range(len(files))])
-    val = set(validation_indices(labels))
+    val = set(validation_indices(labels, per_class))
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".study-split-", dir=root.parent))
     try:
@@ -71,7 +72,7 @@ def ensure_study_split(root: Path, export: Path | None = None) -> Path:
         record = {
             "version": _VERSION,
             "seed": SPLIT_SEED,
-            "val_per_class": VAL_PER_CLASS,
+            "val_per_class": per_class,
             "val_indices": sorted(val),
             "source": str(export),
         }
