@@ -2,10 +2,14 @@
 
 import os
 
+import pytest
 import torch
+from tiny_runs import tiny_config
 
 from fastfit.cli import main
 from fastfit.engine import checkpoint as ckpt
+from fastfit.engine.loop import train
+from fastfit.errors import ConfigError
 
 
 def test_export_refuses_to_overwrite_its_checkpoint(tmp_path, capsys):
@@ -33,3 +37,20 @@ def test_eval_without_student_weights_refuses(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("fastfit eval: error: no weights for the student fitnet_thin")
     assert "pass --weights <checkpoint or student.pt>" in err
+
+
+def test_training_refuses_weights_that_are_the_student_it_will_write(tmp_path):
+    """model.student_weights (or teacher_weights) = <run.output_dir>/student.pt: the run would overwrite the file it
+    started from. Refused before any work, the file untouched."""
+    out = tmp_path / "run"
+    train(tiny_config(tmp_path, "mmrazor", out, "optim.epochs=1", "optim.milestones=[]"))
+    exported = (out / "student.pt").read_bytes()
+    for key in ("student_weights", "teacher_weights"):
+        spelled = out / ".." / "run" / "student.pt"
+        with pytest.raises(ConfigError, match=rf"model.{key} {spelled} is the student.pt this run writes into"):
+            train(
+                tiny_config(
+                    tmp_path, "mmrazor", out, "optim.epochs=1", "optim.milestones=[]", f'model.{key}="{spelled}"'
+                )
+            )
+    assert (out / "student.pt").read_bytes() == exported

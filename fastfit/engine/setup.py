@@ -59,10 +59,22 @@ def _check_run_switches(cfg: Config) -> None:
             raise ConfigError(f"{name} must be ≥ {low}, got {value}")
 
 
+def _check_inputs_are_not_outputs(cfg: Config) -> None:
+    """A weights file must not be the student.pt this run writes at its end (the run would destroy its input)."""
+    written = (Path(cfg.run.output_dir) / "student.pt").resolve()
+    for key, value in (("student_weights", cfg.model.student_weights), ("teacher_weights", cfg.model.teacher_weights)):
+        if value and Path(value).resolve() == written:
+            raise ConfigError(
+                f"model.{key} {value} is the student.pt this run writes into run.output_dir "
+                f"{cfg.run.output_dir}; copy it out of that folder first, or give this run another run.output_dir"
+            )
+
+
 def setup_run(cfg: Config, env: DistEnv) -> Run:
     """Everything a run needs before its first step. It writes nothing into the run folder: config.toml is written
     (write_config) only once a resume is accepted, so a refused one leaves the run's config as it was."""
     _check_run_switches(cfg)
+    _check_inputs_are_not_outputs(cfg)
     rt = resolve_runtime(cfg, env.device)
     # Rank-independent: every rank builds identical models (a teacher without weights is not synced by DDP).
     torch.manual_seed(step_seed(cfg.run.seed, 0, -1))
