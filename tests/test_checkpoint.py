@@ -222,3 +222,20 @@ def test_rotation_removes_the_checksums_with_their_checkpoints(tmp_path):
         "checkpoint-0000000003.pt",
         "checkpoint-0000000003.pt.sha256",
     ]
+
+
+def test_weights_from_a_corrupt_checkpoint_are_refused(tmp_path):
+    """`fastfit eval --weights` and model.student_weights read a checkpoint through the models package: a flipped
+    byte there is refused too, naming the file."""
+    from fastfit.errors import ModelError
+    from fastfit.models import build_model, load_weights
+
+    model = build_model("fitnet_thin", 10, kwargs={"depth_per_stage": 1})
+    path = ckpt.save_checkpoint(tmp_path, {"global_step": 1, "student": model.state_dict()}, keep=0)
+    load_weights(build_model("fitnet_thin", 10, kwargs={"depth_per_stage": 1}), str(path), "student")
+    weight = next(v for v in model.state_dict().values() if v.numel() >= 64)
+    _flip(path, path.read_bytes().index(weight.flatten()[:16].numpy().tobytes()))
+    with pytest.raises(
+        ModelError, match=rf"student weights {path} are corrupt: their sha256 differs .*older checkpoint"
+    ):
+        load_weights(build_model("fitnet_thin", 10, kwargs={"depth_per_stage": 1}), str(path), "student")
