@@ -87,19 +87,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from fastfit.perf.profiler import SECTIONS, profile_throughput
+    from fastfit.perf.profiler import ABLATIONS, SECTIONS, profile_throughput
 
     sections = tuple(args.sections or SECTIONS)
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         raise ConfigError(f"unknown profile section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+    ablate = args.ablate
+    if args.ablate_only is not None:
+        ablate = tuple(name.strip() for name in args.ablate_only.split(",") if name.strip())
+        unknown = [name for name in ablate if name not in ABLATIONS]
+        if unknown or not ablate:
+            raise ConfigError(
+                f"unknown --ablate switch {unknown[0] if unknown else ablate!r}; "
+                f"give a comma-separated subset of: {', '.join(ABLATIONS)} (or --ablate for all)"
+            )
     cfg = load_config(args.config, args.overrides)
     profile_throughput(
         cfg,
         steps=args.steps,
         warmup=args.warmup,
         sections=sections,
-        ablate=args.ablate,
+        ablate=ablate,
         trace_steps=args.trace_steps,
         stage=args.stage,
         json_path=args.json,
@@ -173,7 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION",
         help="naive end_to_end compute_only teacher_only student_only loader_only (default: all)",
     )
-    profile.add_argument("--ablate", action="store_true", help="also end to end with each speed switch off in turn")
+    profile.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also end to end with each speed switch flipped in turn and the loader thread counts swept",
+    )
+    profile.add_argument(
+        "--ablate-only",
+        default=None,
+        metavar="SWITCHES",
+        help="the ablation for a comma-separated subset only, e.g. 'DALI,loader threads'",
+    )
     profile.add_argument(
         "--trace-steps",
         type=int,

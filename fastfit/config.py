@@ -85,7 +85,8 @@ class DataConfig:
     val_dir: str = "val"
     train_list: str = ""  # DALI only: a text file of "relative/path label" lines instead of train_dir
     val_list: str = ""
-    backend: Literal["torchvision", "dali", "auto"] = "torchvision"
+    # auto: DALI when importable (GPU decoding on CUDA, its CPU pipeline on a CPU), else torchvision
+    backend: Literal["torchvision", "dali", "auto"] = "auto"
     image_size: int = 224
     val_resize: int = 256  # shorter side before the center crop; 0 = no resize
     augment: Literal["rrc", "pad-crop", "none"] = "rrc"
@@ -94,11 +95,11 @@ class DataConfig:
     hflip: bool = True
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    workers: int = 8
+    workers: int | Auto = "auto"  # torchvision DataLoader workers per rank; auto: the rank's cores, at most 8
     train_subset: int = 0  # > 0: a fixed class-balanced subset of the training set
     val_subset: int = 0
     skip_bad: bool = False  # skip (and count) corrupt images instead of stopping
-    dali_threads: int = 8
+    dali_threads: int | Auto = "auto"  # auto: the rank's cores, at most 8
     dali_hw_decoder_load: float = 0.9
 
 

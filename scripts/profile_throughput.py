@@ -4,8 +4,9 @@
         --json docs/results/throughput_h200.json
 
 Reports naive baseline, end-to-end from JPEGs, compute-only, teacher/student alone, loader alone, the loader-wait
-fraction, a per-phase breakdown, peak memory and first-step (compile) time; --ablate turns each speed switch off
-in turn; --trace-steps N writes a torch.profiler trace. Under torchrun, every rank measures and rank 0 reports.
+fraction, a per-phase breakdown, peak memory and first-step (compile) time; --ablate flips each speed switch
+in turn and sweeps the loader thread counts; --trace-steps N writes a torch.profiler trace. Under torchrun,
+every rank measures and rank 0 reports.
 """
 
 import sys

@@ -12,6 +12,7 @@ from fastfit.errors import ConfigError
 
 BASE = [
     "data.workers=0",
+    "data.backend=torchvision",  # the switches under test, not the loader: the same images for every run
     "run.progress=false",
     "run.tensorboard=false",
     "run.device=cpu",

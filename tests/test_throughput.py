@@ -6,6 +6,7 @@ import pytest
 
 from fastfit.cli import main
 from fastfit.config import load_config
+from fastfit.data.auto import cpus_per_rank
 from fastfit.perf.profiler import SECTIONS, profile_throughput
 
 TINY = [
@@ -37,7 +38,8 @@ def test_profile_reports_every_section_with_ratios_and_phases(tmp_path, capsys):
                 "3",
                 "--warmup",
                 "1",
-                "--ablate",
+                "--ablate-only",
+                "bf16 autocast,CUDA graphs,loader threads",
                 "--trace-steps",
                 "2",
                 "--json",
@@ -60,21 +62,42 @@ def test_profile_reports_every_section_with_ratios_and_phases(tmp_path, capsys):
     assert {"teacher_forward", "student_forward_losses", "backward", "optimizer"} == set(
         sections["compute_only"]["phases_ms"]
     )
-    # On a CPU the speed switches are off already: the ablation says so rather than timing identical runs.
-    notes = {row["without"]: row.get("note") for row in report["ablation"]}
-    assert notes["bf16 autocast"] == "already off in this config on this device"
+    # On a CPU auto leaves bf16 off, so the ablation times the run with it; what cannot run here says why.
+    rows = {row["variant"].removesuffix(" (auto's choice)"): row for row in report["ablation"]}
+    assert rows["with bf16 autocast"]["img_s"] > 0
+    assert rows["with bf16 autocast"]["x_end_to_end"] == pytest.approx(
+        rows["with bf16 autocast"]["img_s"] / report["end_to_end_img_s"]
+    )
+    assert rows["with CUDA graphs"]["note"] == "needs CUDA"
+    # The loader sweep times every thread count and marks the one auto picks (the rank's cores, at most 8).
+    share = cpus_per_rank()
+    dali = [name for name in rows if name.startswith("dali data.dali_threads=")]
+    assert sorted(int(name.rsplit("=", 1)[1]) for name in dali) == sorted(
+        {1, max(1, share // 2), share, min(2 * share, 16)}
+    )
+    assert f"dali data.dali_threads={min(share, 8)} (auto's choice)" in {r["variant"] for r in report["ablation"]}
+    assert any(name.startswith("torchvision data.workers=") for name in rows)
     trace = json.loads(open(report["trace"]).read())
     assert report["trace"].startswith(str(tmp_path / "profile_trace")) and trace["traceEvents"]
 
 
 def test_profile_ablation_times_a_switch_that_is_on(tmp_path):
     cfg = load_config("demo_fmnist_student", [*TINY, f'run.output_dir="{tmp_path}"', "run.channels_last=true"])
-    report = profile_throughput(cfg, steps=2, warmup=1, sections=("end_to_end",), ablate=True)
-    rows = {row["without"]: row for row in report["ablation"]}
-    assert rows["channels-last"]["img_s"] > 0 and "note" not in rows["channels-last"]
-    assert rows["torch.compile"]["note"] == "already off in this config on this device"
+    report = profile_throughput(
+        cfg, steps=2, warmup=1, sections=("end_to_end",), ablate=("channels-last", "fused optimizer")
+    )
+    rows = {row["variant"]: row for row in report["ablation"] if "loader" not in row["variant"]}
+    assert rows["without channels-last"]["img_s"] > 0 and "note" not in rows["without channels-last"]
+    assert "with channels-last" not in rows
+    assert rows["with fused optimizer"]["img_s"] > 0  # auto leaves it off on a CPU: timed with it
 
 
 def test_unknown_section_is_named(capsys):
     assert main(["profile", "--config", "demo_fmnist_student", "--sections", "warp_speed"]) == 2
     assert "unknown profile section 'warp_speed'; choose from naive, end_to_end" in capsys.readouterr().err
+
+
+def test_unknown_ablation_switch_is_named(capsys):
+    assert main(["profile", "--config", "demo_fmnist_student", "--ablate-only", "DALI,warp drive"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --ablate switch 'warp drive'" in err and "loader threads" in err

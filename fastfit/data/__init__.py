@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from fastfit.config import DataConfig
+from fastfit.data.auto import resolve_backend
 from fastfit.dist import DistEnv
 from fastfit.errors import DataError
 
@@ -59,16 +60,6 @@ def dataset_root(cfg: DataConfig) -> Path:
     return Path(cfg.root).expanduser()
 
 
-def resolve_backend(cfg: DataConfig, env: DistEnv) -> str:
-    if cfg.backend == "auto":
-        try:
-            import nvidia.dali  # noqa: F401
-        except ImportError:
-            return "torchvision"
-        return "dali" if env.device.type == "cuda" else "torchvision"
-    return cfg.backend
-
-
 def build_loaders(cfg: DataConfig, env: DistEnv, batch_size: int, seed: int, channels_last: bool) -> DataBundle:
     """Train and val loaders for this rank; `batch_size` is per rank."""
     root = dataset_root(cfg)
@@ -89,8 +80,9 @@ def build_loaders(cfg: DataConfig, env: DistEnv, batch_size: int, seed: int, cha
     else:
         if cfg.train_list or cfg.val_list:
             raise DataError(
-                "data.train_list / data.val_list are read by the DALI backend only; set data.backend=dali "
-                "(pip install 'fastfit[dali]') or use the folder layout (train/<class>/…)"
+                "data.train_list / data.val_list are read by the DALI backend only; install DALI "
+                "(pip install 'fastfit[dali]') and set data.backend=dali or auto, or use the folder layout "
+                "(train/<class>/…)"
             )
         from fastfit.data.torchvision_backend import build_torchvision_loaders
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from fastfit.config import DataConfig
+from fastfit.data.auto import cpus_per_rank, resolve_dali_threads
 from fastfit.data.samples import (
     BadFileLog,
     ShardedSampler,
@@ -345,7 +346,7 @@ def _pipeline_spec(cfg: DataConfig, env: DistEnv, channels_last: bool):
     return PipelineSpec(
         gpu=gpu,
         device_id=device_id,
-        threads=cfg.dali_threads,
+        threads=resolve_dali_threads(cfg),
         hw_decoder_load=cfg.dali_hw_decoder_load,
         image_size=cfg.image_size,
         mean=tuple(cfg.mean),
@@ -362,10 +363,7 @@ def scan_bad_files(paths: list[str], env: DistEnv) -> dict[str, str]:
     paths = sorted(set(paths))
     distributed = env.distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
     share = paths[env.rank :: env.world_size] if distributed else paths
-    # The ranks on this machine share its cores.
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    found = {p: r for p, r in zip(share, check_files(share, workers=workers), strict=True) if r is not None}
+    found = {p: r for p, r in zip(share, check_files(share, workers=cpus_per_rank()), strict=True) if r is not None}
     if distributed:
         gathered: list = [None] * env.world_size
         torch.distributed.all_gather_object(gathered, found)

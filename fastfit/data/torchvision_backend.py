@@ -22,6 +22,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from fastfit.config import DataConfig
+from fastfit.data.auto import resolve_workers
 from fastfit.data.samples import (
     BadFileLog,
     ShardedSampler,
@@ -199,6 +200,7 @@ def build_torchvision_loaders(
     val_set = SeededImageFolder(
         val_folder, val_idx, val_transform(cfg), seed, skip_bad=cfg.skip_bad, drop_bad=True, image_size=cfg.image_size
     )
-    train = TorchvisionTrainLoader(train_set, env, batch_size, cfg.workers, seed, channels_last)
-    val = TorchvisionValLoader(val_set, env, batch_size, cfg.workers, channels_last)
+    workers = resolve_workers(cfg)
+    train = TorchvisionTrainLoader(train_set, env, batch_size, workers, seed, channels_last)
+    val = TorchvisionValLoader(val_set, env, batch_size, workers, channels_last)
     return train, val, train_folder.classes

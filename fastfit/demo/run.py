@@ -30,7 +30,7 @@ RUNS = (
 # Sized on 2 CPU cores: the three runs take about 5 minutes together, evaluating on the full 10k test set.
 # The teacher, the fastest model per image, gets twice the images so it has something to teach.
 CPU_BUDGET = {
-    "common": ["data.train_subset=12000", "data.workers=2", "optim.batch_size=128"],
+    "common": ["data.train_subset=12000", "optim.batch_size=128"],
     "teacher": ["data.train_subset=24000", "optim.epochs=3", "optim.milestones=[2]"],
     "student alone": ["optim.epochs=4", "optim.milestones=[3]"],
     "FitNet student": ["optim.epochs=4", "optim.milestones=[3]", "recipe.hint_epochs=1"],

@@ -7,8 +7,9 @@ Sections (each reported as images/second and as a ratio to the naive baseline):
   teacher_only  the teacher's forward alone;  student_only  the student's step with fixed teacher outputs
   loader_only   the input pipeline alone
 plus the loader-wait fraction of end-to-end steps, a per-phase breakdown from CUDA events (wall clock on CPU),
-peak memory, first-step (compile) time, an ablation table with each speed switch off in turn, and optionally a
-torch.profiler trace. Timed windows sync only at their edges.
+peak memory, first-step (compile) time, an ablation table (each speed switch flipped in turn and the loader
+thread counts swept: the measurements behind `auto`) and optionally a torch.profiler trace.
+Timed windows sync only at their edges.
 """
 
 from __future__ import annotations
@@ -23,29 +24,36 @@ from typing import Any
 import torch
 
 from fastfit.config import Config, config_from_dict
-from fastfit.data import resolve_backend
+from fastfit.data.auto import cpus_per_rank, dali_importable, resolve_backend, resolve_dali_threads, resolve_workers
 from fastfit.dist import DistEnv, cleanup_distributed, setup_distributed
 from fastfit.engine.meters import PhaseTimer
 from fastfit.engine.run_state import Run
 from fastfit.engine.runtime import resolve_runtime
 from fastfit.engine.setup import setup_run
 from fastfit.engine.stage_runner import StageRunner
+from fastfit.errors import ConfigError
 from fastfit.perf.measure import environment, format_table, write_results
 
 logger = logging.getLogger(__name__)
 
 SECTIONS = ("naive", "end_to_end", "compute_only", "teacher_only", "student_only", "loader_only")
 
-# The switches the ablation turns off one at a time: name → overrides that turn it off.
-SWITCHES: dict[str, dict[str, dict[str, Any]]] = {
-    "bf16 autocast": {"run": {"amp": "off"}},
-    "channels-last": {"run": {"channels_last": False}},
-    "torch.compile": {"run": {"compile": False}},
-    "CUDA graphs": {"run": {"cuda_graphs": False}},
-    "fused Triton losses": {"run": {"fused_kernels": False}},
-    "fused optimizer": {"optim": {"fused": False}},
-    "DALI": {"data": {"backend": "torchvision"}},
+# The switches the ablation flips one at a time: name → (overrides that turn it off, overrides that turn it on).
+# A switch that is on is timed without it; one that `auto` left off is timed with it, so the choice `auto` makes on
+# each device type rests on a measurement either way.
+SWITCHES: dict[str, tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]] = {
+    "bf16 autocast": ({"run": {"amp": "off"}}, {"run": {"amp": "bf16"}}),
+    "channels-last": ({"run": {"channels_last": False}}, {"run": {"channels_last": True}}),
+    "torch.compile": ({"run": {"compile": False}}, {"run": {"compile": True}}),
+    "CUDA graphs": ({"run": {"cuda_graphs": False}}, {"run": {"compile": True, "cuda_graphs": True}}),
+    "fused Triton losses": ({"run": {"fused_kernels": False}}, {"run": {"fused_kernels": True}}),
+    "fused optimizer": ({"optim": {"fused": False}}, {"optim": {"fused": True}}),
+    "DALI": ({"data": {"backend": "torchvision"}}, {"data": {"backend": "dali"}}),
 }
+# The loader thread counts the ablation sweeps, each with the backend that reads it.
+SWEEPS = {"dali_threads": "dali", "workers": "torchvision"}
+LOADER_THREADS = "loader threads"
+ABLATIONS = (*SWITCHES, LOADER_THREADS)
 NAIVE = {
     "run": {"amp": "off", "channels_last": False, "compile": False, "cuda_graphs": False, "fused_kernels": False},
     "optim": {"fused": False},
@@ -64,7 +72,27 @@ def with_overrides(cfg: Config, changes: dict[str, dict[str, Any]]) -> Config:
 
 def _effective(cfg: Config, env: DistEnv) -> tuple:
     """What a config actually runs with on this device ("auto" resolved), to tell whether a switch changes anything."""
-    return resolve_runtime(cfg, env.device), resolve_backend(cfg.data, env)
+    backend = resolve_backend(cfg.data, env)
+    threads = resolve_dali_threads(cfg.data) if backend == "dali" else resolve_workers(cfg.data)
+    return resolve_runtime(cfg, env.device), backend, threads
+
+
+def _unavailable(switch: str, cfg: Config, env: DistEnv) -> str | None:
+    """Why a switch cannot be turned on here, or None."""
+    if switch == "CUDA graphs" and env.device.type != "cuda":
+        return "needs CUDA"
+    if switch == "DALI" and not dali_importable():
+        return "DALI is not installed"
+    try:
+        resolve_runtime(cfg, env.device)
+    except ConfigError as err:
+        return f"not available on this device ({err})"
+    return None
+
+
+def _sweep_values() -> list[int]:
+    share = cpus_per_rank()
+    return sorted({1, max(1, share // 2), share, min(2 * share, 16)})
 
 
 def _sync(device: torch.device) -> None:
@@ -219,7 +247,7 @@ def profile_throughput(
     steps: int = 50,
     warmup: int = 10,
     sections: tuple[str, ...] = SECTIONS,
-    ablate: bool = False,
+    ablate: bool | tuple[str, ...] = False,
     trace_steps: int = 0,
     stage: int | None = None,
     json_path: str | Path | None = None,
@@ -237,7 +265,7 @@ def _profile(
     steps: int,
     warmup: int,
     sections: tuple[str, ...],
-    ablate: bool,
+    ablate: bool | tuple[str, ...],
     trace_steps: int,
     stage: int | None,
     json_path: str | Path | None,
@@ -271,14 +299,8 @@ def _profile(
     if all(parts):
         report["sum_of_parts_img_s"] = 1.0 / sum(1.0 / p["img_s"] for p in parts)
     if ablate:
-        report["ablation"] = []
-        for switch, changes in SWITCHES.items():
-            variant = with_overrides(cfg, changes)
-            if _effective(variant, env) == _effective(cfg, env):
-                report["ablation"].append({"without": switch, "note": "already off in this config on this device"})
-                continue
-            logger.info("ablation: without %s …", switch)
-            report["ablation"].append({"without": switch, **profiler.end_to_end(variant)})
+        only = None if ablate is True else set(ablate)
+        report["ablation"] = _ablate(cfg, env, profiler, (results.get("end_to_end") or {}).get("img_s"), only)
     if trace_steps:
         report["trace"] = str(profiler.trace(cfg, trace_steps, Path(cfg.run.output_dir) / "profile_trace"))
     report["gpu"] = environment().get("gpu")
@@ -291,6 +313,46 @@ def _profile(
             write_results(json_path, report)
             logger.info("wrote %s", json_path)
     return report
+
+
+def _ablate(
+    cfg: Config, env: DistEnv, profiler: Profiler, end_to_end: float | None, only: set[str] | None
+) -> list[dict[str, Any]]:
+    """End to end with each switch flipped in turn, then the loader thread counts (`only`: a subset of
+    ABLATIONS); img/s also as a ratio to the configured run's end to end (measured in the same process)."""
+    rows: list[dict[str, Any]] = []
+
+    def measure(variant: str, changed: Config) -> None:
+        logger.info("ablation: %s …", variant)
+        row = {"variant": variant, **profiler.end_to_end(changed)}
+        if end_to_end:
+            row["x_end_to_end"] = row["img_s"] / end_to_end
+        rows.append(row)
+
+    for switch, (off, on) in SWITCHES.items():
+        if only is not None and switch not in only:
+            continue
+        without = with_overrides(cfg, off)
+        if _effective(without, env) != _effective(cfg, env):
+            measure(f"without {switch}", without)
+            continue
+        with_it = with_overrides(cfg, on)
+        why = _unavailable(switch, with_it, env)
+        if why:
+            rows.append({"variant": f"with {switch}", "note": why})
+        elif _effective(with_it, env) == _effective(cfg, env):
+            rows.append({"variant": f"with {switch}", "note": "no effect in this config on this device"})
+        else:
+            measure(f"with {switch}", with_it)
+    for key, backend in SWEEPS.items():
+        if (only is not None and LOADER_THREADS not in only) or (backend == "dali" and not dali_importable()):
+            continue
+        chosen = _effective(with_overrides(cfg, {"data": {"backend": backend}}), env)[2]
+        for value in _sweep_values():
+            variant = with_overrides(cfg, {"data": {"backend": backend, key: value}})
+            mark = " (auto's choice)" if value == chosen else ""
+            measure(f"{backend} data.{key}={value}{mark}", variant)
+    return rows
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -312,7 +374,8 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("ablation"):
         text.append(
             format_table(
-                report["ablation"], ["without", "img_s", "step_ms", "loader_wait_fraction", "first_step_s", "note"]
+                report["ablation"],
+                ["variant", "img_s", "x_end_to_end", "step_ms", "loader_wait_fraction", "first_step_s", "note"],
             )
         )
     return "\n".join(text)
