@@ -142,7 +142,7 @@ def test_a_foreign_checkpoint_sets_the_folders_run_aside_and_rotation_keeps_only
     for name in ("metrics.jsonl", "student.pt", "summary.json"):
         assert (aside / name).read_bytes() == (earlier / name).read_bytes(), name
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["checkpoint-0000000008.pt"]
-    assert records(run) == [r for r in records(source) if r["global_step"] > 4]
+    assert records(run) == records(source), "the log continues the resumed run's own lines"
     assert_same_training_state(run, source)
 
 

@@ -1,7 +1,8 @@
 """One line of checkpoints per run folder. A resume continues exactly one lineage: checkpoints of the folder newer
 than the one resumed from (a rollback, or corrupt newer files skipped by `--resume auto`) and an earlier run's
 checkpoints when resuming another folder's checkpoint are moved into `checkpoints.set-aside-N` — never deleted —
-so `--resume auto` and keep-K rotation only ever see the lineage being continued.
+so `--resume auto` and keep-K rotation only ever see the lineage being continued. A lineage resumed from another
+folder brings its log lines along when its metrics.jsonl lies where fastfit keeps it.
 
 The folder's `history.jsonl` gets one line per start and resume: when, from which checkpoint, the config changes
 accepted on resume (`{"key": [old, new]}`) and what was set aside. The config changes also travel in the checkpoint
@@ -56,6 +57,8 @@ def continue_lineage(run: Run, path: Path, changes: dict[str, list[Any]]) -> Non
     directory = run.out / "checkpoints"
     own = path.resolve().parent == directory.resolve()
     target = _set_aside_newer(directory, step, run.out) if own else _set_aside_folder(directory, run.out)
+    if not own:
+        _carry_metrics(path, run.metrics.path)
     run.metrics.truncate_after(step)
     if changes:
         logger.info(
@@ -120,6 +123,22 @@ def _set_aside_folder(directory: Path, out: Path) -> Path | None:
         target,
     )
     return target
+
+
+def _carry_metrics(path: Path, metrics: Path) -> None:
+    """Start this folder's metrics.jsonl with the lines of the resumed lineage, when its log is found where fastfit
+    keeps it: beside a set-aside folder's checkpoints, above a `checkpoints` folder, or as metrics.jsonl.previous-N
+    beside checkpoints.previous-N (truncate_after then drops the lines after the resumed step)."""
+    folder = path.parent
+    candidates = [folder / "metrics.jsonl"]
+    if folder.name == "checkpoints":
+        candidates.append(folder.parent / "metrics.jsonl")
+    elif folder.name.startswith("checkpoints.previous-"):
+        candidates.append(folder.parent / ("metrics.jsonl" + folder.name.removeprefix("checkpoints")))
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is not None and not metrics.exists():
+        shutil.copyfile(found, metrics)
+        logger.info("%s starts with the resumed run's log lines from %s", metrics, found)
 
 
 def _free_name(directory: Path) -> Path:
