@@ -87,6 +87,15 @@ def test_a_second_live_run_in_the_same_folder_is_refused_until_the_first_dies(tm
     RunFolderLock(out).acquire().release()
 
 
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "run").write_text("not a folder")
+    config = write_config(tmp_path, "mmrazor")
+    assert main(["train", "--config", str(config), f'run.output_dir="{tmp_path / "run" / "sub"}"']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fastfit train: error: run.output_dir {tmp_path / 'run' / 'sub'} cannot hold a run (")
+    assert err.endswith("give a writable folder") and "\n" not in err
+
+
 def test_the_lock_is_not_kept_alive_by_a_forked_child(tmp_path):
     """DataLoader workers are forked from the run; one that lingers after the run ended must not hold its folder."""
     lock = RunFolderLock(tmp_path).acquire()

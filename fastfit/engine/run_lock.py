@@ -41,8 +41,13 @@ class RunFolderLock:
 
     def acquire(self) -> RunFolderLock:
         """Take the lock, recording this process's pid and host in the file; a ConfigError when a live run holds it."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise ConfigError(
+                f"run.output_dir {self.folder} cannot hold a run ({err.strerror or err}); give a writable folder"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
