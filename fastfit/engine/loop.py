@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from fastfit.config import Config
-from fastfit.dist import barrier, cleanup_distributed, is_peer_failure, restart_count, setup_distributed
+from fastfit.dist import cleanup_distributed, control_barrier, is_peer_failure, restart_count, setup_distributed
 from fastfit.engine import checkpoint as ckpt
 from fastfit.engine.evaluate import evaluate
 from fastfit.engine.lineage import continue_lineage
@@ -69,7 +69,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             path = ckpt.resolve_resume(resume, run.out / "checkpoints") if resume else None
             if path is not None:
                 changes = restore(run, path)
-                barrier(env)  # every rank has read the checkpoint before rank 0 moves any file
+                control_barrier(env)  # every rank has read the checkpoint before rank 0 moves any file
                 continue_lineage(run, path, changes)
             else:
                 start_fresh(run)
