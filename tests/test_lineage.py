@@ -164,23 +164,44 @@ def test_a_refused_resume_leaves_config_toml_as_it_was_so_its_advice_works(strai
     train(load_config(run / "config.toml", [f'run.output_dir="{run}"']), resume="auto")  # the advice works
 
 
-def test_extending_a_finished_run_trains_the_new_epochs_and_records_the_change(straight, tmp_path, caplog):
-    """A finished 2-epoch run resumed with optim.epochs=3 trains epoch 3 and ends bitwise where an uninterrupted
-    3-epoch run ends (the LR schedule does not depend on the epoch count); the summary covers all three epochs."""
+@pytest.mark.parametrize(
+    "extension, changed",
+    [
+        (("optim.epochs=3",), {"optim.epochs": [2, 3]}),
+        (("optim.epochs=3", "optim.milestones=[1, 2]"), {"optim.epochs": [2, 3], "optim.milestones": [[1], [1, 2]]}),
+    ],
+    ids=["more-epochs", "more-epochs-and-a-later-milestone"],
+)
+def test_extending_a_finished_run_trains_the_new_epochs_and_records_the_change(
+    straight, tmp_path, caplog, extension, changed
+):
+    """A finished 2-epoch run resumed with optim.epochs=3 (and a milestone at the new epoch) trains epoch 3 and ends
+    bitwise where an uninterrupted run of the new config ends (the first two epochs' schedule is the same); the
+    summary covers all three epochs."""
     run = _copy_run(straight("mmrazor"), tmp_path / "run")
-    reference = straight("mmrazor", "optim.epochs=3")
+    reference = straight("mmrazor", *extension)
     caplog.set_level(logging.INFO, logger="fastfit")
-    summary = train(tiny_config(tmp_path, "mmrazor", run, "run.checkpoint_every_steps=3", "optim.epochs=3"), "auto")
+    summary = train(tiny_config(tmp_path, "mmrazor", run, "run.checkpoint_every_steps=3", *extension), "auto")
     assert records(run) == records(reference)
     assert_same_training_state(run, reference)
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
     assert json.loads((run / "summary.json").read_text())["history"] == summary["history"]
-    change = {"optim.epochs": [2, 3], "run.output_dir": [str(straight("mmrazor")), str(run)]}
+    change = {**changed, "run.output_dir": [str(straight("mmrazor")), str(run)]}
     assert read_history(run)[-1]["config_changes"] == change
     last = ckpt.load_checkpoint(ckpt.latest_checkpoint(run / "checkpoints"))
     assert last["config_history"] == [{"global_step": 8, "changes": change}]
     assert any("changed config" in m and "optim.epochs 2 → 3" in m for m in caplog.messages), caplog.messages
     assert "epochs = 3" in (run / "config.toml").read_text()
+
+
+def test_extending_the_last_stage_of_a_two_stage_run_trains_it(straight, tmp_path):
+    """The paper recipe finished (hint stage, then 2 KD epochs): optim.epochs=3 adds a third KD epoch (λ's anneal
+    now spans the longer stage, so no bitwise reference); the hint stage is not repeated."""
+    run = _copy_run(straight("fitnets-paper"), tmp_path / "run")
+    summary = train(tiny_config(tmp_path, "fitnets-paper", run, "optim.epochs=3"), "auto")
+    assert [(h["stage"], h["epoch"]) for h in summary["history"]] == [("hint", 1), ("kd", 1), ("kd", 2), ("kd", 3)]
+    assert records(run)[: len(records(straight("fitnets-paper")))] == records(straight("fitnets-paper"))
+    assert records(run)[-1]["global_step"] == 16 and "top1" in summary["final"]
 
 
 def test_resume_auto_falls_back_past_corrupt_checkpoints_and_sets_them_aside(straight, tmp_path, caplog):
