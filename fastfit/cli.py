@@ -22,6 +22,7 @@ from fastfit.errors import (
     EXIT_BAD_INPUT,
     EXIT_PEER_FAILED,
     EXIT_PREEMPTED,
+    CheckpointError,
     ConfigError,
     FastfitError,
     PeerFailure,
@@ -88,9 +89,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fastfit.engine.checkpoint import atomic_save, load_checkpoint
+    from fastfit.engine.checkpoint import atomic_save, checksum_path, load_checkpoint
 
-    state = load_checkpoint(args.checkpoint)
+    source, target = Path(args.checkpoint), Path(args.output)
+    if target.resolve() in (source.resolve(), checksum_path(source).resolve()) or (
+        target.exists() and source.exists() and os.path.samefile(source, target)
+    ):
+        raise CheckpointError(
+            f"fastfit export would overwrite its input {source} with a plain state_dict; give another output path, "
+            f"e.g. {source.with_name('student.pt')}"
+        )
+    state = load_checkpoint(source)
     atomic_save(state["student"], args.output)
     print(f"wrote the student's plain state_dict ({state['config']['model']['student']}) to {args.output}")
     return 0

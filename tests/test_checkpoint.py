@@ -1,18 +1,23 @@
 """Checkpoint files: atomic writes that survive SIGKILL mid-write, keep-K, weights_only loading, and errors that
 name the file and the fix."""
 
+import logging
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from fastfit.engine import checkpoint as ckpt
+
+DATA = Path(__file__).resolve().parent / "data"
 
 # Writes ~64 MB checkpoints (keep 2) in a loop and prints each finished global step.
 WRITER = """
@@ -161,3 +166,76 @@ def test_set_aside_picks_the_first_free_name(tmp_path):
     (tmp_path / "checkpoints.previous-1").mkdir()
     assert ckpt.set_aside(tmp_path / "checkpoints") == tmp_path / "checkpoints.previous-2"
     assert ckpt.set_aside(tmp_path / "checkpoints") is None
+
+
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_is_an_error_naming_the_newest_valid_older_checkpoint(tmp_path, caplog):
+    """A flip in the tensor data (step 3) and in the pickle (step 2) both load silently without a checksum; with one
+    each is named, with step 1 as the checkpoint to resume from, and --resume auto falls back to it."""
+    weights = torch.arange(4096, dtype=torch.float32)
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, {"global_step": step, "w": weights, "marker_key": "x"}, keep=0)
+    first, second, third = ckpt.list_checkpoints(tmp_path)
+    assert ckpt.checksum_path(third).read_text().split() == [ckpt._file_sha256(third), third.name]  # sha256sum -c
+    _flip(third, third.read_bytes().index(weights[1000:1004].numpy().tobytes()))
+    _flip(second, second.read_bytes().index(b"marker_key"))
+    assert torch.load(third, weights_only=True)["w"][1000] != 1000.0, "the flip reached the tensor data"
+    assert "larker_key" in torch.load(second, weights_only=True), "the flip reached the pickle"
+    for corrupt in (third, second):
+        with pytest.raises(
+            ckpt.CheckpointError,
+            match=rf"checkpoint {corrupt} is corrupt: its sha256 .* differs from .* recorded in {corrupt.name}.sha256 "
+            rf"when it was written; the newest valid older checkpoint is {first}: resume from it with --resume",
+        ):
+            ckpt.load_checkpoint(corrupt)
+    caplog.set_level(logging.WARNING, logger="fastfit")
+    assert ckpt.resolve_resume("auto", tmp_path) == first
+    assert ckpt.resolve_resume(str(tmp_path), tmp_path) == first
+    assert [m for m in caplog.messages if "falling back" in m] == [
+        m for m in caplog.messages if "is corrupt" in m
+    ] and len(caplog.messages) == 4
+    _flip(first, 100)
+    with pytest.raises(ckpt.CheckpointError, match=r"corrupt: .*no valid older checkpoint is in"):
+        ckpt.resolve_resume("auto", tmp_path)
+
+
+def test_a_checkpoint_without_a_checksum_loads_with_a_warning(tmp_path, caplog):
+    """Checkpoints written before checksums existed (the 0.1.0 fixture) still load, said to be unverified."""
+    old = tmp_path / "checkpoint-0000000003.pt"
+    shutil.copy(DATA / "checkpoint-0.1.0-mmrazor-step3.pt", old)
+    caplog.set_level(logging.WARNING, logger="fastfit")
+    assert ckpt.load_checkpoint(old)["global_step"] == 3
+    assert any(f"{old} has no {old.name}.sha256" in m and "unverified" in m for m in caplog.messages), caplog.messages
+
+
+def test_rotation_removes_the_checksums_with_their_checkpoints(tmp_path):
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(tmp_path, {"global_step": step}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-0000000002.pt",
+        "checkpoint-0000000002.pt.sha256",
+        "checkpoint-0000000003.pt",
+        "checkpoint-0000000003.pt.sha256",
+    ]
+
+
+def test_weights_from_a_corrupt_checkpoint_are_refused(tmp_path):
+    """`fastfit eval --weights` and model.student_weights read a checkpoint through the models package: a flipped
+    byte there is refused too, naming the file."""
+    from fastfit.errors import ModelError
+    from fastfit.models import build_model, load_weights
+
+    model = build_model("fitnet_thin", 10, kwargs={"depth_per_stage": 1})
+    path = ckpt.save_checkpoint(tmp_path, {"global_step": 1, "student": model.state_dict()}, keep=0)
+    load_weights(build_model("fitnet_thin", 10, kwargs={"depth_per_stage": 1}), str(path), "student")
+    weight = next(v for v in model.state_dict().values() if v.numel() >= 64)
+    _flip(path, path.read_bytes().index(weight.flatten()[:16].numpy().tobytes()))
+    with pytest.raises(
+        ModelError, match=rf"student weights {path} are corrupt: their sha256 differs .*older checkpoint"
+    ):
+        load_weights(build_model("fitnet_thin", 10, kwargs={"depth_per_stage": 1}), str(path), "student")

@@ -4,10 +4,18 @@ belongs to the config it is resumed with. A checkpoint is a dict of state dicts:
 its current stage runner's (StageRunner.state_dict), with every rank's loss meters.
 
 A process killed mid-write leaves only a hidden `.checkpoint-*.tmp` file, which no lookup ever picks and the next
-save removes; the checkpoint before it stays the newest complete one."""
+save removes; the checkpoint before it stays the newest complete one.
+
+Integrity: each checkpoint gets a `checkpoint-<step>.pt.sha256` file beside it (the format `sha256sum -c` reads),
+hashed from the bytes as they are written. Loading verifies it, so a flipped byte anywhere — tensor data or pickle —
+is an error naming the newest valid older checkpoint, and `--resume auto` falls back to that one. A checkpoint
+without the file (written before checksums existed, or by a save killed between its two renames) still loads, with a
+warning that it is unverified."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import pickle
 import re
@@ -21,6 +29,8 @@ from fastfit.dist import gather_to_main
 from fastfit.engine.run_state import Run
 from fastfit.errors import CheckpointError
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_FORMAT = "fastfit-checkpoint-1"
 _NAME = re.compile(r"^checkpoint-(\d{10})\.pt$")
 _PARTIAL = re.compile(r"^\.checkpoint-\d{10}\.pt\..*\.tmp$")  # atomic_save's temp files for checkpoint names
@@ -28,14 +38,28 @@ _PARTIAL = re.compile(r"^\.checkpoint-\d{10}\.pt\..*\.tmp$")  # atomic_save's te
 _MUST_MATCH = ("model", "recipe", "data.dataset", "data.image_size", "optim.batch_size")
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`: a crash leaves old or new."""
-    path = Path(path)
+class _HashingWriter:
+    """A binary file that also feeds every byte written through it to sha256 (torch.save writes sequentially)."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.digest = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Call write(handle) on a temp file in path's folder, fsync, rename over `path`, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -47,11 +71,109 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`: a crash leaves old or new."""
+    path = Path(path)
+    _write_atomic(path, lambda handle: torch.save(obj, handle))
     return path
+
+
+def checksum_path(path: str | Path) -> Path:
+    """The sha256 file written beside a checkpoint."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def _save_with_checksum(obj: Any, path: Path) -> None:
+    """atomic_save plus the checksum file. The old checksum goes first, so a crash in between leaves a checkpoint
+    without one (loaded unverified) rather than a new file beside an old checksum (a false alarm)."""
+    checksum_path(path).unlink(missing_ok=True)
+    hashed = {}
+
+    def write(handle) -> None:
+        writer = _HashingWriter(handle)
+        torch.save(obj, writer)
+        hashed["hex"] = writer.digest.hexdigest()
+
+    _write_atomic(path, write)
+    line = f"{hashed['hex']}  {path.name}\n".encode()
+    _write_atomic(checksum_path(path), lambda handle: handle.write(line))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: str | Path) -> bool:
+    """True when `path` matches its checksum file, False when it has none (unverified); a CheckpointError naming
+    the newest valid older checkpoint when it does not match."""
+    path = Path(path)
+    recorded = _recorded_sha256(path)
+    if recorded is None:
+        return False
+    actual = _file_sha256(path)
+    if actual == recorded:
+        return True
+    older = _newest_valid_before(path)
+    advice = (
+        f"the newest valid older checkpoint is {older}: resume from it with --resume {older} "
+        "(--resume auto falls back to it by itself)"
+        if older is not None
+        else f"no valid older checkpoint is in {path.parent}; start a fresh run"
+    )
+    raise CheckpointError(
+        f"checkpoint {path} is corrupt: its sha256 {actual[:16]}… differs from {recorded[:16]}… recorded in "
+        f"{checksum_path(path).name} when it was written; {advice}"
+    )
+
+
+def _recorded_sha256(path: Path) -> str | None:
+    sidecar = checksum_path(path)
+    if not sidecar.is_file():
+        return None
+    fields = sidecar.read_text(errors="replace").split()
+    return fields[0].lower() if fields else ""
+
+
+def _newest_valid_before(path: Path) -> Path | None:
+    """The newest checkpoint in path's folder older than `path` whose checksum matches (or that has none)."""
+    match = _NAME.match(path.name)
+    step = int(match.group(1)) if match else None
+    for older in reversed(list_checkpoints(path.parent)):
+        if older == path or (step is not None and int(_NAME.match(older.name).group(1)) >= step):
+            continue
+        recorded = _recorded_sha256(older)
+        if recorded is None or recorded == _file_sha256(older):
+            return older
+    return None
+
+
+def newest_valid_checkpoint(directory: str | Path) -> Path | None:
+    """The newest checkpoint in `directory` that passes verify_checkpoint; corrupt newer ones are skipped with a
+    warning (they stay where they are: resuming sets them aside)."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            logger.warning("%s — falling back to the previous checkpoint", err)
+            continue
+        return path
+    return None
 
 
 def checkpoint_path(directory: str | Path, global_step: int) -> Path:
     return Path(directory) / f"checkpoint-{global_step:010d}.pt"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The global step in a checkpoint-<step>.pt name."""
+    return int(_NAME.match(Path(path).name).group(1))
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -71,10 +193,12 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any], keep: int) -> 
     """Write state as checkpoint-<global step>.pt and delete all but the newest `keep` (keep ≤ 0 keeps all).
     Only one process writes to a checkpoint folder (rank 0), so temp files found here are from a killed writer."""
     remove_partial(directory)
-    path = atomic_save({"format": CHECKPOINT_FORMAT, **state}, checkpoint_path(directory, state["global_step"]))
+    path = checkpoint_path(directory, state["global_step"])
+    _save_with_checksum({"format": CHECKPOINT_FORMAT, **state}, path)
     if keep > 0:
         for old in list_checkpoints(directory)[:-keep]:
             old.unlink(missing_ok=True)
+            checksum_path(old).unlink(missing_ok=True)
     return path
 
 
@@ -110,6 +234,13 @@ def load_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, An
         raise CheckpointError(
             f"checkpoint {path} does not exist; give a checkpoint file, a run folder, or --resume auto"
         )
+    if not verify_checkpoint(path):
+        logger.warning(
+            "checkpoint %s has no %s (written by a fastfit without checksums, or by a save killed before writing "
+            "it): loading it unverified",
+            path,
+            checksum_path(path).name,
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as err:
@@ -134,18 +265,26 @@ def load_checkpoint(path: str | Path, weights_only: bool = True) -> dict[str, An
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """`auto`: the newest checkpoint in output_dir (None when there is none); a folder: its newest; a file: itself."""
+    """`auto`: the newest valid checkpoint in output_dir (None when there is none; corrupt newer ones are skipped
+    with a warning); a folder: its newest valid one; a file: itself."""
     if resume == "auto":
-        return latest_checkpoint(output_dir)
+        return _newest_or_raise(output_dir) if list_checkpoints(output_dir) else None
     path = Path(resume)
     if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
+        if not list_checkpoints(path):
             raise CheckpointError(f"--resume {path}: the folder holds no checkpoint-*.pt files")
-        return found
+        return _newest_or_raise(path)
     if not path.is_file():
         raise CheckpointError(f"--resume {path}: no such checkpoint file or run folder")
     return path
+
+
+def _newest_or_raise(directory: str | Path) -> Path:
+    """The newest valid checkpoint of a folder that holds some; when every one is corrupt, the newest one's error."""
+    found = newest_valid_checkpoint(directory)
+    if found is None:
+        verify_checkpoint(latest_checkpoint(directory))  # raises: it is corrupt like the rest
+    return found
 
 
 def _lookup(tree: dict[str, Any], dotted: str) -> Any:

@@ -13,6 +13,7 @@ from fastfit.data import build_loaders
 from fastfit.dist import DistEnv, all_reduce_sum, cleanup_distributed, setup_distributed
 from fastfit.engine.runtime import Runtime, resolve_runtime
 from fastfit.engine.setup import build_models, per_rank_batch
+from fastfit.errors import ConfigError
 from fastfit.models import load_weights
 
 
@@ -46,7 +47,12 @@ def evaluate(model: nn.Module, loader, rt: Runtime, env: DistEnv) -> dict[str, f
 
 def evaluate_weights(cfg: Config, student_weights: str | None = None) -> dict[str, dict[str, Any]]:
     """Metrics for the student (its configured weights, or `student_weights`) and for the teacher when it has
-    weights."""
+    weights. A ConfigError when the student has no weights at all: a random network's accuracy is no result."""
+    if not student_weights and not cfg.model.student_weights:
+        raise ConfigError(
+            f"no weights for the student {cfg.model.student}: evaluating a randomly initialized network measures "
+            "nothing; pass --weights <checkpoint or student.pt> (fastfit eval) or set model.student_weights"
+        )
     env = setup_distributed(cfg.run.device)
     try:
         rt = resolve_runtime(cfg, env.device)

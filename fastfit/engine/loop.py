@@ -8,7 +8,7 @@ checkpoints also hold the partial loss meters, so logged means and epoch summari
 Losing nothing (docs/reliability.md): a preemption signal stops the run after the step with a checkpoint (exit
 code 75); non-finite losses stop the run or are skipped (run.nonfinite); run.checkpoint_every_steps adds mid-epoch
 checkpoints; a torchrun restart resumes from the newest checkpoint; a fresh run sets an earlier run's checkpoints
-aside instead of mixing with them.
+aside instead of mixing with them; a folder holds one live run (run_lock) and one line of checkpoints (lineage).
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ import time
 from typing import Any
 
 from fastfit.config import Config
-from fastfit.dist import cleanup_distributed, is_peer_failure, restart_count, setup_distributed
+from fastfit.dist import cleanup_distributed, control_barrier, is_peer_failure, restart_count, setup_distributed
 from fastfit.engine import checkpoint as ckpt
 from fastfit.engine.evaluate import evaluate
+from fastfit.engine.lineage import continue_lineage
 from fastfit.engine.preemption import StopSignals
+from fastfit.engine.run_lock import RunFolderLock
 from fastfit.engine.run_state import Position, Run
-from fastfit.engine.setup import restore, setup_run, start_fresh
+from fastfit.engine.setup import restore, setup_run, start_fresh, write_config
 from fastfit.engine.stage_runner import StageRunner
 from fastfit.errors import PeerFailure, Preempted
 
@@ -52,7 +54,11 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """
     env = setup_distributed(cfg.run.device)
     graceful = False
+    # One live run per folder: rank 0 writes it, so its lock is the run's (released by the kernel if it dies).
+    lock = RunFolderLock(cfg.run.output_dir) if env.is_main else None
     try:
+        if lock is not None:
+            lock.acquire()
         with StopSignals(cfg.run.preemption_signals) as signals:
             run = setup_run(cfg, env)
             run.signals = signals
@@ -62,9 +68,12 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             # None only for no --resume, or "auto" with no checkpoint yet; a missing file or folder raises.
             path = ckpt.resolve_resume(resume, run.out / "checkpoints") if resume else None
             if path is not None:
-                restore(run, path)
+                changes = restore(run, path)
+                control_barrier(env)  # every rank has read the checkpoint before rank 0 moves any file
+                continue_lineage(run, path, changes)
             else:
                 start_fresh(run)
+            write_config(run)  # only now: a refused resume leaves the run's config.toml as it was
             summary = fit(run)
         graceful = True
         return summary
@@ -82,6 +91,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             ) from err
         raise
     finally:
+        if lock is not None:
+            lock.release()
         cleanup_distributed(graceful)
 
 

@@ -51,6 +51,8 @@ class Run:
     restored: dict[str, Any] | None = None  # the checkpoint resumed from, until its stage has loaded it
     signals: StopSignals | None = None  # preemption requests (installed by train())
     skipped_steps: int = 0  # steps skipped for non-finite losses (run.nonfinite = "skip")
+    # Config changes accepted on resume: [{"global_step": g, "changes": {"optim.epochs": [2, 3]}}, …]
+    config_history: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         """The run's part of a checkpoint: config, weights, position and history (the stage runner adds its own)."""
@@ -62,6 +64,7 @@ class Run:
             "global_step": self.position.global_step,
             "history": self.history,
             "skipped_steps": self.skipped_steps,
+            "config_history": self.config_history,
             "rng": {
                 "scheme": "torch.manual_seed(step_seed(seed, rank, global_step)) before every step",
                 "seed": self.cfg.run.seed,
@@ -75,6 +78,7 @@ class Run:
         self.position = Position(**state["position"])
         self.history = list(state.get("history", []))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.config_history = list(state.get("config_history", []))
         self.restored = state
 
 

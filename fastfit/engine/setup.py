@@ -15,8 +15,9 @@ from fastfit.dist import DistEnv
 from fastfit.distill.recipes import build_stages
 from fastfit.distill.stage_model import build_connectors
 from fastfit.engine import checkpoint as ckpt
+from fastfit.engine.lineage import append_history, config_changes
 from fastfit.engine.metrics_log import MetricsLog
-from fastfit.engine.run_state import Run, step_seed
+from fastfit.engine.run_state import Position, Run, step_seed
 from fastfit.engine.runtime import Runtime, resolve_runtime
 from fastfit.errors import ConfigError
 from fastfit.models import build_model
@@ -58,9 +59,22 @@ def _check_run_switches(cfg: Config) -> None:
             raise ConfigError(f"{name} must be ≥ {low}, got {value}")
 
 
+def _check_inputs_are_not_outputs(cfg: Config) -> None:
+    """A weights file must not be the student.pt this run writes at its end (the run would destroy its input)."""
+    written = (Path(cfg.run.output_dir) / "student.pt").resolve()
+    for key, value in (("student_weights", cfg.model.student_weights), ("teacher_weights", cfg.model.teacher_weights)):
+        if value and Path(value).resolve() == written:
+            raise ConfigError(
+                f"model.{key} {value} is the student.pt this run writes into run.output_dir "
+                f"{cfg.run.output_dir}; copy it out of that folder first, or give this run another run.output_dir"
+            )
+
+
 def setup_run(cfg: Config, env: DistEnv) -> Run:
-    """Everything a run needs before its first step; rank 0 also writes the resolved config.toml."""
+    """Everything a run needs before its first step. It writes nothing into the run folder: config.toml is written
+    (write_config) only once a resume is accepted, so a refused one leaves the run's config as it was."""
     _check_run_switches(cfg)
+    _check_inputs_are_not_outputs(cfg)
     rt = resolve_runtime(cfg, env.device)
     # Rank-independent: every rank builds identical models (a teacher without weights is not synced by DDP).
     torch.manual_seed(step_seed(cfg.run.seed, 0, -1))
@@ -85,23 +99,49 @@ def setup_run(cfg: Config, env: DistEnv) -> Run:
     memory_format = torch.channels_last if rt.channels_last else torch.contiguous_format
     connectors = build_connectors(cfg, teacher, student).to(rt.device, memory_format=memory_format)
     out = Path(cfg.run.output_dir)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(to_toml(cfg))
     metrics = MetricsLog(out, enabled=env.is_main, tensorboard=cfg.run.tensorboard)
     return Run(cfg, env, rt, data, student, teacher, connectors, stages, out, metrics)
 
 
-def restore(run: Run, path: Path) -> None:
-    """Continue `run` from the checkpoint at `path` (a CheckpointError if it belongs to another config)."""
+def write_config(run: Run) -> None:
+    """The resolved config as config.toml in the run folder (rank 0), once the run is accepted."""
+    if run.env.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.toml").write_text(to_toml(run.cfg))
+
+
+def restore(run: Run, path: Path) -> dict[str, list]:
+    """Continue `run` from the checkpoint at `path` (a CheckpointError if it belongs to another config); returns
+    the config changes accepted (dotted key → [checkpoint's value, now]), also added to run.config_history."""
     state = ckpt.load_checkpoint(path)
-    ckpt.check_same_config(state["config"], run.cfg.to_dict(), path)
+    current = run.cfg.to_dict()
+    ckpt.check_same_config(state["config"], current, path)
+    changes = config_changes(state["config"], current)
     run.load_state_dict(state)
-    run.metrics.truncate_after(run.position.global_step)
+    if changes:
+        run.config_history.append({"global_step": run.position.global_step, "changes": changes})
+    _reopen_extended_stage(run)
     p = run.position
     logger.info(
         "resumed from %s at stage %d epoch %d step %d (global step %d)", path, p.stage, p.epoch, p.step, p.global_step
     )
+    return changes
+
+
+def _reopen_extended_stage(run: Run) -> None:
+    """A checkpoint at the end of a stage (or of the run) whose stage now has more epochs (optim.epochs raised on a
+    finished run): continue that stage with its new epochs instead of skipping past it."""
+    p = run.position
+    if p.stage == 0 or p.epoch or p.step or p.stage > len(run.stages):
+        return
+    stage = run.stages[p.stage - 1]
+    done = [h["epoch"] for h in run.history if h.get("stage") == stage.name and "epoch" in h]
+    next_started = p.stage < len(run.stages) and any(h.get("stage") == run.stages[p.stage].name for h in run.history)
+    if done and max(done) < stage.epochs and not next_started:
+        run.position = Position(p.stage - 1, max(done), 0, p.global_step)
+        logger.info(
+            "stage %s now has %d epochs: training epochs %d-%d", stage.name, stage.epochs, max(done) + 1, stage.epochs
+        )
 
 
 def start_fresh(run: Run) -> None:
@@ -118,3 +158,4 @@ def start_fresh(run: Run) -> None:
             run.out,
             ", ".join(p.name for p in moved),
         )
+    append_history(run.out, {"event": "start", "set_aside": [str(p) for p in moved]})

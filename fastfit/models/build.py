@@ -4,6 +4,7 @@ weights given as a torchvision weights name or a local checkpoint path (never do
 from __future__ import annotations
 
 import difflib
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,23 @@ def _plain_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     raise ModelError(f"{path}: not a state_dict or fastfit checkpoint (found {type(obj).__name__})")
 
 
+def _check_checksum(path: Path, role: str) -> None:
+    """A fastfit checkpoint's `<name>.sha256` beside it, when there is one, must match (a flipped byte is refused)."""
+    sidecar = path.with_name(path.name + ".sha256")
+    if not sidecar.is_file():
+        return
+    recorded = sidecar.read_text(errors="replace").split()[:1]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    if not recorded or digest.hexdigest() != recorded[0].lower():
+        raise ModelError(
+            f"{role} weights {path} are corrupt: their sha256 differs from the one recorded in {sidecar.name} when "
+            f"they were written; use an older checkpoint of {path.parent}"
+        )
+
+
 def load_weights(model: nn.Module, weights: str, role: str) -> None:
     """Load a weights file into `model` (strictly); a ModelError names what is missing or does not fit."""
     path = Path(weights).expanduser()
@@ -40,6 +58,7 @@ def load_weights(model: nn.Module, weights: str, role: str) -> None:
             f"{role} weights file {str(path)!r} does not exist; give a checkpoint path "
             "or a torchvision weights name such as IMAGENET1K_V1"
         )
+    _check_checksum(path, role)
     state = _plain_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
