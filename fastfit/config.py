@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import math
 import tomllib
 import types
 import typing
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from fastfit.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 Auto = Literal["auto"]
 
@@ -290,7 +294,169 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed numbers; None leaves that side open to infinity (NaN and ±Inf are never allowed)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: low itself is not allowed
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        if self.low is None and self.high is None:
+            return "a finite number"
+        if self.high is None:
+            return f"{'>' if self.low_open else '≥'} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '≤'} {self.high:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+POSITIVE = Range(0, low_open=True)
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+ANY_FINITE = Range()
+# step_seed() derives each step's torch seed as (seed·1000003 + rank)·1000000007 + step; it must fit in 64 bits.
+MAX_SEED = 18_000
+
+# Every int and float setting (and every number inside a list setting, written key[]) with the values that can
+# work. "auto" and None are allowed where the field's type allows them and are not checked here.
+RANGES: dict[str, Range] = {
+    "recipe.ce_weight": AT_LEAST_0,
+    "recipe.hints[].weight": AT_LEAST_0,
+    "recipe.kd.temperature": POSITIVE,
+    "recipe.kd.weight": AT_LEAST_0,
+    "recipe.kd.weight_end": AT_LEAST_0,
+    "recipe.hint_epochs": AT_LEAST_0,
+    "recipe.hint_lr": POSITIVE,
+    "model.num_classes": AT_LEAST_1,
+    "optim.lr": POSITIVE,
+    "optim.momentum": FRACTION,
+    "optim.weight_decay": AT_LEAST_0,
+    "optim.epochs": AT_LEAST_1,
+    "optim.milestones[]": AT_LEAST_1,
+    "optim.gamma": Range(0, 1, low_open=True),
+    "optim.warmup_epochs": AT_LEAST_0,
+    "optim.batch_size": AT_LEAST_1,
+    "optim.label_smoothing": FRACTION,
+    "data.image_size": AT_LEAST_1,
+    "data.val_resize": AT_LEAST_0,
+    "data.rrc_scale[]": Range(0, 1, low_open=True),
+    "data.rrc_ratio[]": POSITIVE,
+    "data.mean[]": ANY_FINITE,
+    "data.std[]": POSITIVE,
+    "data.workers": AT_LEAST_0,
+    "data.train_subset": AT_LEAST_0,
+    "data.val_subset": AT_LEAST_0,
+    "data.dali_threads": AT_LEAST_0,
+    "data.dali_hw_decoder_load": Range(0, 1),
+    "run.seed": Range(0, MAX_SEED),
+    "run.log_interval": AT_LEAST_1,
+    "run.eval_every": AT_LEAST_1,
+    "run.keep_checkpoints": AT_LEAST_0,
+    "run.checkpoint_every_steps": AT_LEAST_0,
+    "run.max_steps_per_epoch": AT_LEAST_0,
+    "run.nonfinite_check_every": AT_LEAST_1,
+}
+
+
+def numeric_settings(cfg: Config) -> list[tuple[str, str, Any]]:
+    """(range key, shown key, value) for every number in `cfg` (list items and hints included, None and "auto"
+    left out); the range key is the RANGES entry, the shown key names the exact place (e.g. data.std[1])."""
+    found: list[tuple[str, str, Any]] = []
+
+    def walk(node: Any, key: str, shown: str) -> None:
+        if dataclasses.is_dataclass(node):
+            for f in dataclasses.fields(node):
+                walk(
+                    getattr(node, f.name),
+                    f"{key}.{f.name}" if key else f.name,
+                    f"{shown}.{f.name}" if shown else f.name,
+                )
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{key}[]", f"{shown}[{i}]")
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            found.append((key, shown, node))
+
+    walk(cfg, "", "")
+    return found
+
+
+def _default_of(key: str) -> Any:
+    """The dataclass default of a RANGES key (a list key gives the whole default list)."""
+    node: Any = Config(recipe=RecipeConfig(kd=KDConfig(), hints=[HintConfig()]))
+    for part in key.split("."):
+        node = getattr(node, part.removesuffix("[]"))
+        if part.endswith("[]") and node and dataclasses.is_dataclass(node[0]):
+            node = node[0]
+    return node
+
+
+def _out_of_range(shown: str, value: Any, allowed: Range, default: Any) -> ConfigError:
+    rule = allowed.describe()
+    if isinstance(value, float) and not math.isfinite(value) and allowed != ANY_FINITE:
+        rule = f"a finite number {rule}"
+    hint = f" (the default is {_toml_value(default)})" if default is not None else ""
+    target = allowed.describe() if allowed == ANY_FINITE else f"a value {allowed.describe()}"
+    return ConfigError(f"{shown} must be {rule}, got {value!r}; set it to {target}{hint}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, shown, value in numeric_settings(cfg):
+        allowed = RANGES.get(key)
+        if allowed is None:  # pragma: no cover - test_config checks that every numeric setting has a range
+            raise TypeError(f"no allowed range for the numeric setting {key}; add it to fastfit.config.RANGES")
+        if value not in allowed:
+            raise _out_of_range(shown, value, allowed, _default_of(key))
+
+
+def _check_pairs(cfg: Config) -> None:
+    """Settings that are only meaningful together: schedules, crop ranges, normalization."""
+    o, d = cfg.optim, cfg.data
+    if any(b <= a for a, b in zip(o.milestones, o.milestones[1:], strict=False)):
+        raise ConfigError(
+            f"optim.milestones must be strictly increasing epoch numbers, got {o.milestones}; e.g. [30, 60, 90]"
+        )
+    late = [m for m in o.milestones if m >= o.epochs]
+    if late:
+        # Not an error: extending the run with more epochs later reaches them (a common way to train in parts).
+        logger.warning(
+            "optim.milestones %s are not before optim.epochs = %d, so the learning rate never decays there",
+            late,
+            o.epochs,
+        )
+    if o.warmup_epochs >= o.epochs:
+        raise ConfigError(
+            f"optim.warmup_epochs must be in [0, optim.epochs = {o.epochs}), got {o.warmup_epochs!r}; "
+            "lower it or raise optim.epochs"
+        )
+    for key, pair, top in (("data.rrc_scale", d.rrc_scale, 1.0), ("data.rrc_ratio", d.rrc_ratio, None)):
+        if len(pair) != 2 or pair[0] > pair[1]:
+            bound = f"0 < min ≤ max ≤ {top:g}" if top is not None else "0 < min ≤ max"
+            raise ConfigError(
+                f"{key} must be [min, max] with {bound}, got {pair}; e.g. {_toml_value(_default_of(key))}"
+            )
+    for key, values in (("data.mean", d.mean), ("data.std", d.std)):
+        if len(values) != 3:
+            raise ConfigError(
+                f"{key} needs 3 values (one per RGB channel), got {values}; e.g. {_toml_value(_default_of(key))}"
+            )
+
+
 def _validate(cfg: Config) -> None:
+    _check_ranges(cfg)
+    _check_pairs(cfg)
     r = cfg.recipe
     if r.name == "fitnets-paper":
         if not r.hints:
@@ -301,20 +467,6 @@ def _validate(cfg: Config) -> None:
             raise ConfigError("recipe fitnets-paper needs [recipe.kd] for its second stage")
     if r.name != "supervised" and not cfg.model.teacher:
         raise ConfigError(f"recipe {r.name} needs model.teacher (a model name), got an empty string")
-    if r.kd is not None and r.kd.temperature <= 0:
-        raise ConfigError(f"recipe.kd.temperature must be > 0, got {r.kd.temperature}")
-    for name, value in (
-        ("optim.batch_size", cfg.optim.batch_size),
-        ("optim.epochs", cfg.optim.epochs),
-        ("model.num_classes", cfg.model.num_classes),
-        ("data.image_size", cfg.data.image_size),
-    ):
-        if value <= 0:
-            raise ConfigError(f"{name} must be > 0, got {value}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
-        raise ConfigError(f"data.mean and data.std need 3 values (RGB), got {cfg.data.mean} and {cfg.data.std}")
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:

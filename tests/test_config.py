@@ -1,10 +1,24 @@
 """Config: recipe presets, TOML + dotted overrides, errors that name the key, round trip, shipped recipes."""
 
+import dataclasses
+import math
 import tomllib
+import types
+import typing
 
 import pytest
 
-from fastfit.config import config_from_dict, load_config, parse_override, shipped_configs_dir, to_toml
+from fastfit.config import (
+    RANGES,
+    Config,
+    Range,
+    config_from_dict,
+    load_config,
+    numeric_settings,
+    parse_override,
+    shipped_configs_dir,
+    to_toml,
+)
 from fastfit.errors import ConfigError
 
 
@@ -73,7 +87,7 @@ def test_overrides_parse_toml_values_and_bare_strings():
         ("run.compile=maybe", r"run.compile must be bool or 'auto', got 'maybe'"),
         ("recipe.name=kd", r"recipe.name must be one of 'mmrazor', 'fitnets-paper', 'supervised', got 'kd'"),
         ("data.backend=ffcv", r"data.backend must be one of 'torchvision' \| 'dali' \| 'auto', got 'ffcv'"),
-        ("optim.batch_size=0", r"optim.batch_size must be > 0, got 0"),
+        ("optim.batch_size=0", r"optim.batch_size must be ≥ 1, got 0; set it to a value ≥ 1 \(the default is 256\)"),
     ],
 )
 def test_bad_keys_and_values_name_the_key_and_what_is_allowed(override, message):
@@ -104,3 +118,128 @@ def test_file_then_overrides_order(tmp_path):
     path.write_text("[optim]\nlr = 0.2\nepochs = 7\n")
     cfg = load_config(path, ["optim.lr=0.3"])
     assert (cfg.optim.lr, cfg.optim.epochs) == (0.3, 7)
+
+
+# Settings the plain defaults leave unset (None), given so that every RANGES key has a value to check.
+WITH_OPTIONALS = ["recipe.name=mmrazor", "model.teacher=resnet50", "recipe.hint_lr=0.01", "recipe.kd.weight_end=1.0"]
+EXPLICIT_AUTO = ["data.workers=2", "data.dali_threads=2"]
+
+
+def _edge_values(allowed: Range) -> tuple[list[float], list[float]]:
+    """(values just inside, values just outside) of `allowed`, from its bounds alone."""
+    inside, outside = [], [math.nan, math.inf, -math.inf]
+    for bound, is_open, step in ((allowed.low, allowed.low_open, -1), (allowed.high, allowed.high_open, 1)):
+        if bound is None:
+            continue
+        (outside if is_open else inside).append(bound)
+        outside.append(bound + step * 0.5)
+    return inside, outside
+
+
+def _numeric_fields(cls: type, prefix: str) -> set[str]:
+    """Every int/float field of the config dataclasses, from their annotations (list items as key[])."""
+    keys = set()
+    for name, tp in typing.get_type_hints(cls).items():
+        key = f"{prefix}{name}"
+        arms = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        for arm in arms:
+            if typing.get_origin(arm) is list:
+                (item,) = typing.get_args(arm)
+                if dataclasses.is_dataclass(item):
+                    keys |= _numeric_fields(item, f"{key}[].")
+                elif item in (int, float):
+                    keys.add(f"{key}[]")
+            elif dataclasses.is_dataclass(arm):
+                keys |= _numeric_fields(arm, f"{key}.")
+            elif arm in (int, float):
+                keys.add(key)
+    return keys
+
+
+def test_every_numeric_setting_has_an_allowed_range():
+    keys = _numeric_fields(Config, "")
+    assert keys == set(RANGES), f"missing ranges: {keys - set(RANGES)}; stale ranges: {set(RANGES) - keys}"
+    found = {key for key, _, _ in numeric_settings(load_config(None, [*WITH_OPTIONALS, *EXPLICIT_AUTO]))}
+    assert found == keys, "numeric_settings must reach every numeric field the range check is meant to see"
+
+
+def _override(key: str, value: float) -> list[str]:
+    """An override setting `key` (list items and hints through their whole list) to `value`, plus what it needs."""
+    literal = {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan" if math.isnan(value) else repr(value))
+    defaults = config_from_dict({})
+    if key == "recipe.hints[].weight":
+        return [*WITH_OPTIONALS, f'recipe.hints=[{{student="layer3", teacher="layer3", weight={literal}}}]']
+    if key.endswith("[]"):
+        name = key[:-2]
+        section, field_name = name.split(".")
+        items = list(getattr(getattr(defaults, section), field_name))
+        if name == "optim.milestones":
+            return [*WITH_OPTIONALS, f"optim.milestones=[{literal}]", "optim.epochs=200"]
+        items[0] = literal
+        if name == "data.rrc_scale":  # keep min ≤ max: vary both ends together
+            items = [literal, literal]
+        if name == "data.rrc_ratio":
+            items = [literal, literal]
+        return [*WITH_OPTIONALS, f"{name}=[{', '.join(map(str, items))}]"]
+    extra = ["optim.warmup_epochs=0"] if key == "optim.epochs" else []
+    return [*WITH_OPTIONALS, *extra, f"{key}={literal}"]
+
+
+def _is_int_setting(key: str) -> bool:
+    values = {k: v for k, _, v in numeric_settings(load_config(None, [*WITH_OPTIONALS, *EXPLICIT_AUTO]))}
+    return isinstance(values[key], int)
+
+
+@pytest.mark.parametrize("key", sorted(RANGES))
+def test_each_range_accepts_its_bounds_and_rejects_values_beyond_them_naming_key_value_and_range(key):
+    allowed = RANGES[key]
+    inside, outside = _edge_values(allowed)
+    is_int = _is_int_setting(key)
+    for value in inside:
+        value = int(value) if is_int else float(value)
+        load_config(None, _override(key, value))
+    for value in outside:
+        if is_int and not math.isfinite(value):
+            continue  # TOML has no non-finite integers; the type check refuses them first
+        if is_int:
+            value = math.floor(value) if value < (allowed.low or 0) + 0.75 else math.ceil(value)
+        with pytest.raises(ConfigError) as err:
+            load_config(None, _override(key, value))
+        message = str(err.value)
+        shown = key.replace("[]", "[0]")
+        assert message.startswith(f"{shown} must be"), message
+        assert allowed.describe() in message and "set it to" in message, message
+        assert (repr(value) if math.isfinite(value) else str(value)) in message, message
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.milestones=[30, 30]"], r"optim.milestones must be strictly increasing epoch numbers, got \[30, 30\]"),
+        (["optim.milestones=[60, 30]"], r"strictly increasing"),
+        (["optim.epochs=4", "optim.warmup_epochs=4"], r"optim.warmup_epochs must be in \[0, optim.epochs = 4\)"),
+        (["data.rrc_scale=[0.9, 0.2]"], r"data.rrc_scale must be \[min, max\] with 0 < min ≤ max ≤ 1"),
+        (["data.rrc_scale=[0.2]"], r"data.rrc_scale must be \[min, max\]"),
+        (["data.rrc_ratio=[2.0, 0.5]"], r"data.rrc_ratio must be \[min, max\] with 0 < min ≤ max"),
+        (["data.mean=[0.5, 0.5]"], r"data.mean needs 3 values \(one per RGB channel\), got \[0.5, 0.5\]"),
+        (["data.std=[0.2, 0.2, 0.2, 0.2]"], r"data.std needs 3 values"),
+        (["data.std=[0.2, -0.2, 0.2]"], r"data.std\[1\] must be > 0, got -0.2"),
+        (["run.seed=18001"], r"run.seed must be in \[0, 18000\], got 18001"),
+        (["data.workers=-1"], r"data.workers must be ≥ 0, got -1"),
+        (["optim.lr=nan"], r"optim.lr must be a finite number > 0, got nan; set it to a value > 0 \(the default"),
+    ],
+)
+def test_settings_that_only_work_together_are_checked_together(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_auto_and_unset_values_are_not_range_checked():
+    cfg = load_config(None, ["data.workers=auto", "data.dali_threads=auto"])
+    assert (cfg.data.workers, cfg.recipe.hint_lr, cfg.recipe.kd) == ("auto", None, None)
+
+
+def test_a_milestone_at_or_after_the_last_epoch_is_a_warning_not_an_error(caplog):
+    cfg = load_config(None, ["optim.epochs=10", "optim.milestones=[5, 10]"])
+    assert cfg.optim.milestones == [5, 10]
+    assert "optim.milestones [10] are not before optim.epochs = 10" in caplog.text
