@@ -11,6 +11,7 @@ shows it instead of "To enable traceback see …".
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -43,6 +44,37 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> 
         metavar="key.path=value",
         help="dotted overrides applied after the file, e.g. optim.lr=0.05 data.root=/data/imagenet",
     )
+
+
+def check_output_file(what: str, path: str | Path) -> Path:
+    """`path` can be written as a file: it is not a folder and the nearest existing folder above it is a folder.
+    Checked before a command does its work, so a typo in an output path does not cost the work."""
+    path = Path(path)
+    if path.is_dir():
+        raise FastfitError(f"{what} {path} is a folder; give a file name inside it, e.g. {path / 'out'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FastfitError(f"{what} {path}: {parent} is a file, not a folder; give a path in a folder")
+            break
+    return path
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for an OSError: the path, what the system said and what to do about it."""
+    where = " and ".join(str(name) for name in (err.filename, err.filename2) if name is not None) or "a file"
+    fixes = {
+        errno.ENOSPC: "free disk space, then run the same command again (train: add --resume auto)",
+        errno.EDQUOT: "free space within your disk quota, then run the same command again",
+        errno.EACCES: "fix its permissions or choose another path",
+        errno.EPERM: "fix its permissions or choose another path",
+        errno.EROFS: "the file system is read-only; choose a path on a writable one",
+        errno.ENOENT: "check the path",
+        errno.ENOTDIR: "a part of the path is a file, not a folder; check the path",
+        errno.EISDIR: "it is a folder; give a file",
+    }
+    fix = fixes.get(err.errno, "check the path and the disk")
+    return f"{where}: {err.strerror or err}; {fix}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -91,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from fastfit.engine.checkpoint import atomic_save, checksum_path, load_checkpoint
 
-    source, target = Path(args.checkpoint), Path(args.output)
+    source, target = Path(args.checkpoint), check_output_file("fastfit export's output", args.output)
     if target.resolve() in (source.resolve(), checksum_path(source).resolve()) or (
         target.exists() and source.exists() and os.path.samefile(source, target)
     ):
@@ -121,6 +153,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 f"unknown --ablate switch {unknown[0] if unknown else ablate!r}; "
                 f"give a comma-separated subset of: {', '.join(ABLATIONS)} (or --ablate for all)"
             )
+    if args.json is not None:
+        check_output_file("--json", args.json)
     cfg = load_config(args.config, args.overrides)
     profile_throughput(
         cfg,
@@ -137,6 +171,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "list":
+        if args.config is not None or args.overrides:
+            extra = " ".join(filter(None, [args.config, *args.overrides]))
+            raise ConfigError(f"fastfit config list takes no arguments, got {extra!r}; use fastfit config show NAME")
         for path in sorted(shipped_configs_dir().glob("*.toml")):
             print(path.stem)
         return 0
@@ -210,8 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile = sub.add_parser("profile", help="images/second of each part of a training step, in one run")
     _add_config_args(profile)
-    profile.add_argument("--steps", type=int, default=50, help="timed steps per section (after --warmup)")
-    profile.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    profile.add_argument("--steps", type=_positive, default=50, help="timed steps per section (after --warmup)")
+    profile.add_argument(
+        "--warmup", type=_non_negative, default=10, help="untimed steps first (compilation happens here)"
+    )
     profile.add_argument(
         "--sections",
         nargs="+",
@@ -231,11 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     profile.add_argument(
         "--trace-steps",
-        type=int,
+        type=_non_negative,
         default=0,
         help="write a torch.profiler trace of this many steps to run.output_dir/profile_trace",
     )
-    profile.add_argument("--stage", type=int, default=None, help="recipe stage to profile (default: the last)")
+    profile.add_argument(
+        "--stage", type=_non_negative, default=None, help="recipe stage to profile (default: the last)"
+    )
     profile.add_argument("--json", default=None, help="write the results JSON here (e.g. docs/results/…)")
     profile.set_defaults(func=cmd_profile)
 
@@ -289,6 +330,8 @@ def add_data_commands(subparsers) -> None:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from fastfit.data.check import check_dataset, format_report
 
+    if args.json:
+        check_output_file("--json", args.json)
     report = check_dataset(args.dir, decode=args.decode, workers=args.workers)
     print(format_report(report))
     if args.json:
@@ -322,6 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     except FastfitError as err:
         record_error(err)
         print(f"{name}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:
+        # A path the system refused (a full disk, permissions, a file where a folder belongs): the user's to fix.
+        if err.errno is None:
+            raise
+        record_error(err)
+        print(f"{name}: error: {_os_error_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Preempted as err:
         record_error(err)

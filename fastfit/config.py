@@ -498,9 +498,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = resolve_config_path(path)
         try:
-            tree = tomllib.loads(path.read_text())
+            tree = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML ({err})") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (byte {err.start}); TOML files are UTF-8: give a TOML "
+                "config file, or re-save this one as UTF-8"
+            ) from err
     for text in overrides:
         keys, value = parse_override(text)
         _set_path(tree, keys, value)

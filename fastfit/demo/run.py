@@ -56,13 +56,19 @@ def run_demo(
     started = time.perf_counter()
     results: dict[str, Any] = {}
     teacher_weights = None
-    for role, config_name in RUNS:
-        overrides = [
+
+    def role_overrides(role: str) -> list[str]:
+        return [
             f"run.output_dir={_quoted(out / role.split()[0].lower())}",
             f"run.device={device}",
             f"run.progress={'true' if progress else 'false'}",
             *demo_overrides(role, budget),
         ]
+
+    for role, config_name in RUNS:  # every run's config first: a bad override must not cost the teacher's training
+        load_config(config_name, [*role_overrides(role), *extra])
+    for role, config_name in RUNS:
+        overrides = role_overrides(role)
         if role == "FitNet student":
             overrides.append(f"model.teacher_weights={_quoted(teacher_weights)}")
         cfg = load_config(config_name, [*overrides, *extra])

@@ -59,7 +59,15 @@ def load_weights(model: nn.Module, weights: str, role: str) -> None:
             "or a torchvision weights name such as IMAGENET1K_V1"
         )
     _check_checksum(path, role)
-    state = _plain_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds here (EOFError, KeyError, UnpicklingError, RuntimeError…)
+        raise ModelError(
+            f"{role} weights {path} cannot be read as a PyTorch file ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no details'}); it is truncated, corrupt or not a "
+            "checkpoint: give a fastfit checkpoint, an exported student.pt or a state_dict saved with torch.save"
+        ) from err
+    state = _plain_state_dict(loaded, path)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -101,7 +109,7 @@ def build_model(
     """
     kwargs = dict(kwargs or {})
     if name in SMALL_MODELS:
-        model = SMALL_MODELS[name](num_classes=num_classes, **kwargs)
+        model = _construct(SMALL_MODELS[name], name, role, num_classes=num_classes, **kwargs)
         if weights:
             if not _looks_like_path(weights) and not Path(weights).exists():
                 raise ModelError(
@@ -136,8 +144,18 @@ def build_model(
             raise ModelError(
                 f"{name} weights {member.name} have {classes} classes but model.num_classes is {num_classes}"
             )
-        return builder(weights=member, **kwargs)
-    model = builder(weights=None, num_classes=num_classes, **kwargs)
+        return _construct(builder, name, role, weights=member, **kwargs)
+    model = _construct(builder, name, role, weights=None, num_classes=num_classes, **kwargs)
     if weights:
         load_weights(model, weights, role)
     return model
+
+
+def _construct(builder: Any, name: str, role: str, **kwargs: Any) -> nn.Module:
+    """builder(**kwargs); an argument the constructor does not take is a ModelError naming model.<role>_kwargs."""
+    try:
+        return builder(**kwargs)
+    except TypeError as err:
+        raise ModelError(
+            f"model.{role}_kwargs do not fit {name}: {err}; remove or rename the key in model.{role}_kwargs"
+        ) from err

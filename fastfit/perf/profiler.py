@@ -142,6 +142,11 @@ class Profiler:
         self._built = None  # let the previous config's modules and loaders go before building the next
         run = setup_run(cfg, self.env)
         index = len(run.stages) - 1 if self.stage is None else self.stage
+        if not 0 <= index < len(run.stages):
+            raise ConfigError(
+                f"--stage {self.stage}: recipe {cfg.recipe.name} has {len(run.stages)} stage(s); give --stage 0"
+                f"{f' to {len(run.stages) - 1}' if len(run.stages) > 1 else ''} or leave it out for the last"
+            )
         self._built = (cfg, run, StageRunner(run, index))
         return run, self._built[2]
 

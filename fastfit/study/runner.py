@@ -139,6 +139,9 @@ def run_study(
             raise ConfigError(f"unknown study budget {budget!r}; choose from auto, {', '.join(BUDGETS)}")
         budget = BUDGETS[name]
     out = Path(out)
+    for config_name in ("demo_fmnist_teacher", "demo_fmnist_student", "demo_fmnist_fitnet"):
+        for seed in seeds:  # before the data export and the teacher: a bad override or seed costs nothing
+            load_config(config_name, [*extra, f"run.seed={seed}"])
     study = Study(out, budget, device, list(extra), progress, ensure_study_split(out / "data", export, val_per_class))
     students = list(STUDENTS)
     search_runs = len(students) * (len(budget.lrs) + len(budget.temperatures))
