@@ -2,6 +2,7 @@
 sharding, determinism, colour handling and bad files. The GPU ('mixed') path: scripts/gpu_check_dali.py."""
 
 import io
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -486,3 +487,11 @@ def test_config_file_lists_reach_dali_and_torchvision_refuses_them(constant_root
             seed=0,
             channels_last=True,
         )
+
+
+def test_a_file_name_that_is_not_utf8_is_named_before_the_file_list_is_written(constant_root):
+    first = sorted((constant_root / "train" / "a").iterdir())[0]
+    raw = os.fsencode(first.parent) + b"/caf\xe9.png"  # Latin-1 "café": not UTF-8
+    os.rename(os.fsencode(first), raw)
+    with pytest.raises(DataError, match=r"file name b'.*/caf\\xe9.png' is not valid UTF-8.*data.backend=torchvision"):
+        build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0, channels_last=True)

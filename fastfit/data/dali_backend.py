@@ -98,14 +98,22 @@ def _seed(*parts: int) -> int:
 
 def _write_file_list(samples: list[tuple[str, int]]) -> str:
     fd, name = tempfile.mkstemp(prefix="fastfit-dali-", suffix=".txt")
-    with os.fdopen(fd, "w") as handle:
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:  # _check_paths has made sure every name encodes
         handle.write("".join(f"{p} {label}\n" for p, label in samples))
     return name
 
 
 def _check_paths(samples: list[tuple[str, int]]) -> None:
     # DALI's list format is one "path label" per line and strips trailing blanks: such names cannot pass through.
+    # The list is UTF-8 text, so a name that is not UTF-8 (Python holds its bytes as surrogates) cannot either.
     for p, _ in samples:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(
+                f"file name {os.fsencode(p)!r} is not valid UTF-8, which DALI's file list cannot hold; rename the "
+                "file to UTF-8 (e.g. convmv -f latin1 -t utf8 -r --notest DIR) or use data.backend=torchvision"
+            ) from None
         if "\n" in p or p != p.rstrip():
             raise DataError(
                 f"file name {p!r} has a newline or trailing whitespace, which DALI's file list cannot "
