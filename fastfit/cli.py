@@ -310,11 +310,22 @@ def add_data_commands(subparsers) -> None:
     data = subparsers.add_parser("data", help="check a dataset for bad images, or write a synthetic one")
     sub = data.add_subparsers(dest="data_command", required=True)
 
-    check = sub.add_parser("check", help="list unreadable, non-image, truncated or corrupt images (exit 1 if any)")
+    check = sub.add_parser(
+        "check",
+        help="list unreadable, non-image, truncated, corrupt, high-bit-depth or too small images, symlink loops, "
+        "files reached twice and unreadable folders (exit 1 if any)",
+    )
     check.add_argument("dir", help="an ImageFolder (DIR/<class>/…) or a folder of splits (DIR/train/<class>/…)")
     check.add_argument("--decode", action="store_true", help="decode every image fully (slower; finds corrupt data)")
     check.add_argument("--json", metavar="F", default=None, help="also write the full report as JSON to F")
     check.add_argument("--workers", type=_positive, default=None, help="parallel workers (default: CPU count)")
+    check.add_argument(
+        "--image-size",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="also report images whose shorter side is below the N×N crop (data.image_size)",
+    )
     check.set_defaults(func=cmd_data_check)
 
     synth = sub.add_parser("synth", help="write ImageNet-like JPEGs (≈500×375, ≈80 KB) in train/ and val/")
@@ -332,7 +343,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     if args.json:
         check_output_file("--json", args.json)
-    report = check_dataset(args.dir, decode=args.decode, workers=args.workers)
+    report = check_dataset(args.dir, decode=args.decode, workers=args.workers, min_size=args.image_size or 0)
     print(format_report(report))
     if args.json:
         path = Path(args.json)

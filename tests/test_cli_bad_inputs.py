@@ -193,6 +193,8 @@ STANDALONE = {
         (["data", "check", "{images}", "--json", "{folder}"], "{folder}"),
         (["data", "check", "{images}", "--json", "{text}/report.json"], "{text}"),
         (["data", "check", "{images}", "--bogus"], "--bogus"),
+        (["data", "check", "{images}", "--image-size", "0"], "--image-size"),
+        (["data", "check", "{images}", "--image-size", "x"], "--image-size"),
         (["data", "synth"], "dir"),
         (["data", "synth", "{tmp}/s"], "--n"),
         (["data", "synth", "{tmp}/s", "--n", "-1"], "--n"),

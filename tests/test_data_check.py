@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import zlib
 from pathlib import Path
 
@@ -147,3 +148,90 @@ def test_cli_check_exit_codes_and_json(tmp_path, capsys):
     assert "12 images checked (full decode), 0 bad" in capsys.readouterr().out
     assert _run(["data", "check", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _class_folders(root: Path, classes: dict[str, int]) -> None:
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            (root / name / f"{i}.png").write_bytes(_png())
+
+
+def test_a_directory_symlink_loop_is_reported_and_lists_each_image_once(tmp_path):
+    from fastfit.data.samples import image_folder
+
+    root = tmp_path / "ds"
+    _class_folders(root / "train", {"a": 2, "b": 3})
+    (root / "train" / "a" / "loop").symlink_to(root / "train" / "a", target_is_directory=True)
+    report = check_dataset(root / "train")
+    assert [(b.path, b.reason.split(":")[0]) for b in report.bad] == [
+        (str(root / "train" / "a" / "loop"), "directory symlink loop")
+    ]
+    assert report.checked == 5
+    # training lists the real images of class a once (os.walk following links would list them ~40 times)
+    listed = image_folder(root, "train").samples
+    assert sorted(listed) == sorted(
+        [(str(root / "train" / "a" / f"{i}.png"), 0) for i in range(2)]
+        + [(str(root / "train" / "b" / f"{i}.png"), 1) for i in range(3)]
+    )
+
+
+def test_files_and_folders_reached_twice_are_reported(tmp_path):
+    root = tmp_path / "ds"
+    _class_folders(root, {"a": 2, "b": 1})
+    (root / "b" / "copy.png").symlink_to(root / "a" / "0.png")
+    (root / "b" / "more").symlink_to(root / "a", target_is_directory=True)
+    reasons = {b.path: b.reason for b in check_dataset(root).bad}
+    assert reasons == {
+        str(root / "b" / "copy.png"): f"file reached twice (a symlink or hard link to {root / 'a' / '0.png'})",
+        str(root / "b" / "more"): f"directory reached twice through symlinks: the same folder as {root / 'a'}",
+    }
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their permissions")
+def test_an_unreadable_class_folder_is_reported_and_exits_1(tmp_path, capsys):
+    root = tmp_path / "ds"
+    _class_folders(root, {"a": 2, "b": 1})
+    (root / "b").chmod(0)
+    try:
+        assert main(["data", "check", str(root)]) == 1
+        assert f"{root / 'b'}: unreadable folder: Permission denied" in capsys.readouterr().out
+    finally:
+        (root / "b").chmod(0o755)
+
+
+def _png16(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(values.astype(np.uint16)).save(buffer, "PNG")  # mode I;16: a 16-bit grayscale PNG
+    return buffer.getvalue()
+
+
+def test_small_and_high_bit_depth_images_are_reported_and_exit_1(tmp_path, capsys):
+    root = tmp_path / "ds"
+    _class_folders(root, {"a": 1, "b": 1})  # 40×30 images
+    (root / "a" / "deep.png").write_bytes(_png16(np.full((40, 40), 40000)))
+    assert main(["data", "check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert f"{root / 'a' / 'deep.png'}: high bit depth (16-bit PNG)" in out and "1 bad" in out, out
+    assert main(["data", "check", str(root), "--image-size", "32"]) == 1
+    out = capsys.readouterr().out
+    assert f"{root / 'a' / '0.png'}: smaller than the crop: 40×30, the crop is 32×32" in out, out
+    assert f"{root / 'b' / '0.png'}: smaller than the crop" in out and "3 bad" in out, out
+    assert main(["data", "check", str(root), "--image-size", "30"]) == 1  # only the 16-bit image remains
+    assert "1 bad" in capsys.readouterr().out
+
+
+def test_training_scales_16_bit_pngs_to_8_bits_instead_of_clipping(tmp_path):
+    from fastfit.data.torchvision_backend import load_rgb
+
+    values = np.array([[0, 257, 1000, 32768], [40000, 65535, 128, 65000]])
+    path = tmp_path / "deep.png"
+    path.write_bytes(_png16(values))
+    assert Image.open(path).mode == "I;16"
+    expected = np.rint(values / 257).astype(np.uint8)  # 0, 1, 4, 128, 156, 255, 0, 253
+    got = np.asarray(load_rgb(str(path)))
+    assert got.shape == (2, 4, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(got[..., channel], expected)
+    # what PIL's own conversion does (and fastfit did): every value above 255 becomes white
+    assert np.asarray(Image.open(path).convert("RGB"))[1, 0, 0] == 255 != expected[1, 0]

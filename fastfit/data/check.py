@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +26,12 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from fastfit.data.samples import walk_once
 from fastfit.errors import DataError
 
 _PROCESS_THRESHOLD = 20_000  # files; below this, starting processes costs more than the GIL does
 _CHUNK = 64  # files per pool task
+_HEAD_BYTES = 32  # the signature, and a PNG's IHDR up to its bit depth (byte 24)
 _TAIL_BYTES = 1024  # an end marker within this much of the end allows for padding after it (some encoders add it)
 _SIGNATURES = [  # (magic at offset 0, format); DALI and PIL decode all of these except GIF (DALI cannot)
     (b"\xff\xd8\xff", "JPEG"),
@@ -84,13 +85,20 @@ def _sniff(head: bytes) -> str | None:
     return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
 
 
-def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | None:
-    """Why `path` is not a usable image, or None if it is."""
+# PIL modes of more than 8 bits per channel; a 16-bit RGB PNG opens as 8-bit RGB, so PNGs are told by their header.
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def check_image_file(
+    path: str | os.PathLike, decode: bool = False, min_size: int = 0, high_bit: bool = False
+) -> str | None:
+    """Why `path` is not a usable image, or None if it is. `min_size` > 0: an image whose shorter side is smaller
+    is reported (smaller than the crop); `high_bit`: images of more than 8 bits per channel are reported."""
     try:  # raw pread: a third of the cost of Python file objects, which matters at a million files
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
-            head = os.pread(fd, 16, 0)
+            head = os.pread(fd, _HEAD_BYTES, 0)
             tail = os.pread(fd, _TAIL_BYTES, max(0, size - _TAIL_BYTES))
         finally:
             os.close(fd)
@@ -112,6 +120,18 @@ def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | Non
         with Image.open(path) as image:
             if image.width <= 0 or image.height <= 0:
                 return f"bad header: size {image.width}×{image.height}"
+            if min_size and min(image.size) < min_size:
+                return (
+                    f"smaller than the crop: {image.width}×{image.height}, the crop is {min_size}×{min_size} "
+                    "(it would be upscaled or padded); remove it or lower --image-size / data.image_size"
+                )
+            depth = head[24] if kind == "PNG" else None
+            if high_bit and (image.mode in HIGH_BIT_MODES or (depth is not None and depth > 8)):
+                bits = f"{depth}-bit PNG" if depth and depth > 8 else f"PIL mode {image.mode}"
+                return (
+                    f"high bit depth ({bits}): fastfit's torchvision backend scales it to 8 bits, other tools may "
+                    "clip it; convert it to 8 bits to be sure"
+                )
             if decode:
                 image.convert("RGB")  # loads every pixel: raises on corrupt or truncated data
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
@@ -137,33 +157,51 @@ def dataset_layout(root: Path) -> dict[str, Path]:
             f"dataset folder {root} has no subfolders; expected <class>/<images> or <split>/<class>/<images>"
         )
     # A split folder holds class folders; a class folder holds images. Decide on all subfolders together.
-    if all(any(child.is_dir() for child in d.iterdir()) for d in subdirs):
+    if all(_has_subfolders(d) for d in subdirs):
         return {d.name: d for d in subdirs}
     return {"": root}
 
 
-def _walk_class(folder: Path) -> Iterable[Path]:
-    for dirpath, _, names in sorted(os.walk(folder, followlinks=True)):
-        for name in sorted(names):
-            yield Path(dirpath) / name
+def _has_subfolders(folder: Path) -> bool:
+    try:
+        return any(child.is_dir() for child in folder.iterdir())
+    except OSError:  # unreadable: it is reported as such by the walk
+        return False
 
 
-def check_dataset(root: str | os.PathLike, decode: bool = False, workers: int | None = None) -> CheckReport:
-    """Check every image of the dataset under `root` (see the module docstring)."""
+def check_dataset(
+    root: str | os.PathLike, decode: bool = False, workers: int | None = None, min_size: int = 0
+) -> CheckReport:
+    """Check every image of the dataset under `root` (see the module docstring). Besides bad files it reports
+    directory symlink loops, folders and files reached twice, unreadable folders, high-bit-depth images and, with
+    `min_size` > 0, images whose shorter side is smaller than the crop."""
     root = Path(root).expanduser()
     report = CheckReport(root=str(root), decode=decode)
     jobs: list[tuple[str, str, Path]] = []
     for split, folder in dataset_layout(root).items():
         report.classes[split] = {}
+        seen_dirs: dict[tuple[int, int], str] = {}
+        seen_files: dict[tuple[int, int], str] = {}
         for class_dir in _class_dirs(folder):
-            report.classes[split][class_dir.name] = ClassCount()
-            for path in _walk_class(class_dir):
-                if _is_image(path.name):
+            count = report.classes[split][class_dir.name] = ClassCount()
+            walk = walk_once(class_dir, seen_dirs)
+            report.bad += [BadFile(path, reason) for path, reason in walk.skipped]
+            for directory, names in walk.folders:
+                for name in names:
+                    path = Path(directory) / name
+                    if not _is_image(name):
+                        report.ignored += 1
+                        continue
+                    first = _first_path(path, seen_files)
+                    if first is not None:  # a second name for a file already listed: training would use it twice
+                        count.files += 1
+                        count.bad += 1
+                        report.bad.append(BadFile(str(path), f"file reached twice (a symlink or hard link to {first})"))
+                        continue
                     jobs.append((split, class_dir.name, path))
-                else:
-                    report.ignored += 1
     paths = [path for _, _, path in jobs]
-    for (split, name, path), reason in zip(jobs, check_files(paths, decode, workers), strict=True):
+    reasons = check_files(paths, decode, workers, min_size=min_size, high_bit=True)
+    for (split, name, path), reason in zip(jobs, reasons, strict=True):
         count = report.classes[split][name]
         count.files += 1
         if reason is not None:
@@ -173,15 +211,30 @@ def check_dataset(root: str | os.PathLike, decode: bool = False, workers: int | 
     return report
 
 
-def _check_chunk(job: tuple[list, bool]) -> list[str | None]:
-    paths, decode = job
-    return [check_image_file(p, decode) for p in paths]
+def _first_path(path: Path, seen: dict[tuple[int, int], str]) -> str | None:
+    """The path under which this file (by st_dev, st_ino) was met before, or None (and it is recorded)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None  # a broken link: check_image_file says so
+    identity = (info.st_dev, info.st_ino)
+    if identity in seen:
+        return seen[identity]
+    seen[identity] = str(path)
+    return None
 
 
-def check_files(paths: list, decode: bool = False, workers: int | None = None) -> list[str | None]:
+def _check_chunk(job: tuple[list, bool, int, bool]) -> list[str | None]:
+    paths, decode, min_size, high_bit = job
+    return [check_image_file(p, decode, min_size, high_bit) for p in paths]
+
+
+def check_files(
+    paths: list, decode: bool = False, workers: int | None = None, min_size: int = 0, high_bit: bool = False
+) -> list[str | None]:
     """check_image_file over many paths, in order, in parallel. Chunks keep the number of futures small."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    jobs = [(paths[i : i + _CHUNK], decode) for i in range(0, len(paths), _CHUNK)]
+    jobs = [(paths[i : i + _CHUNK], decode, min_size, high_bit) for i in range(0, len(paths), _CHUNK)]
     if len(paths) >= _PROCESS_THRESHOLD and cpus > 1 and "fork" in multiprocessing.get_all_start_methods():
         # fork: workers start in milliseconds with everything imported (spawn would re-import torch in each)
         with ProcessPoolExecutor(max_workers=workers or cpus, mp_context=multiprocessing.get_context("fork")) as pool:

@@ -9,7 +9,9 @@ a new backend should too, so that a given (seed, epoch, rank count) yields the s
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,10 +52,88 @@ def balanced_subset(targets: list[int], size: int, seed: int) -> list[int]:
     return sorted(picked[:size])
 
 
+@dataclass
+class FolderWalk:
+    """Every real directory under a folder, each once, as os.walk(followlinks=True) would list it without repeats."""
+
+    folders: list[tuple[str, list[str]]] = field(default_factory=list)  # (directory path, its file names, sorted)
+    # (path, why it was not listed): a symlink back to a directory above it, one reached twice, an unreadable folder
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def walk_once(top: str | os.PathLike, seen: dict[tuple[int, int], str] | None = None) -> FolderWalk:
+    """Walk `top` following directory symlinks, visiting each real directory (by st_dev, st_ino) once, so a symlink
+    loop cannot repeat a class's images. `seen` (directory identity → first path) may be shared across calls, so a
+    directory linked into two classes is listed for the first only. Folders come sorted by path, as os.walk's are
+    when sorted (the order ImageFolder uses)."""
+    seen = {} if seen is None else seen
+    walk = FolderWalk()
+    pending = [(os.fspath(top), ())]  # (path, identities of the directories above it)
+    while pending:
+        path, above = pending.pop()
+        try:
+            info = os.stat(path)
+            identity = (info.st_dev, info.st_ino)
+            if identity in above:
+                walk.skipped.append((path, f"directory symlink loop: leads back to {seen[identity]}"))
+                continue
+            if identity in seen:
+                walk.skipped.append(
+                    (path, f"directory reached twice through symlinks: the same folder as {seen[identity]}")
+                )
+                continue
+            seen[identity] = path
+            with os.scandir(path) as entries:
+                entries = list(entries)
+        except OSError as err:
+            walk.skipped.append((path, f"unreadable folder: {err.strerror or err}"))
+            continue
+        files = sorted(e.name for e in entries if not _is_dir(e))
+        walk.folders.append((path, files))
+        for entry in sorted((e for e in entries if _is_dir(e)), key=lambda e: e.name, reverse=True):
+            pending.append((entry.path, (*above, identity)))
+    walk.folders.sort()
+    return walk
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks, as os.walk(followlinks=True) does
+    except OSError:
+        return False
+
+
+class _ImageFolderOnce(datasets.ImageFolder):
+    """ImageFolder whose listing visits each real directory once (see walk_once); an unreadable folder is an error."""
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        instances: list[tuple[str, int]] = []
+        seen: dict[tuple[int, int], str] = {}
+        empty = []
+        for target_class in sorted(class_to_idx):
+            walk = walk_once(os.path.join(directory, target_class), seen)
+            for path, reason in walk.skipped:
+                if reason.startswith("unreadable"):
+                    raise DataError(f"dataset folder {path}: {reason}; fix its permissions or remove it")
+                logger.warning("%s: %s; its images are listed once", path, reason)
+            before = len(instances)
+            for folder, names in walk.folders:
+                for name in names:
+                    path = os.path.join(folder, name)
+                    if datasets.folder.has_file_allowed_extension(path, extensions or datasets.folder.IMG_EXTENSIONS):
+                        instances.append((path, class_to_idx[target_class]))
+            if len(instances) == before:
+                empty.append(target_class)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+        return instances
+
+
 def image_folder(root: Path, split: str) -> datasets.ImageFolder:
     path = check_split_dir(root, split)
     try:
-        return datasets.ImageFolder(path)
+        return _ImageFolderOnce(path)
     except FileNotFoundError as err:  # a class folder without images
         classes = sorted(p.name for p in path.iterdir() if p.is_dir())
         empty = [

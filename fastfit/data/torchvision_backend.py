@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -61,6 +63,22 @@ def val_transform(cfg: DataConfig) -> v2.Transform:
     return v2.Compose(steps)
 
 
+# PIL modes holding more than 8 bits of gray; their convert("RGB") clips every value above 255 to white.
+_WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """The image as 8-bit RGB. 16-bit gray (PIL modes I;16 and I, e.g. a 16-bit grayscale PNG) is scaled by 1/257,
+    so 65535 becomes 255, where PIL's own conversion would clip it. (16-bit RGB PNGs PIL already reads as 8 bits.)"""
+    with open(path, "rb") as handle:
+        image = Image.open(handle)
+        if image.mode in _WIDE_GRAY_MODES:
+            wide = np.asarray(image, dtype=np.float64)
+            gray = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+            return Image.fromarray(gray).convert("RGB")
+        return image.convert("RGB")
+
+
 class SeededImageFolder(Dataset):
     """ImageFolder samples keyed by (epoch, index); the transform draws from a generator seeded by that key.
 
@@ -94,7 +112,7 @@ class SeededImageFolder(Dataset):
     def _load(self, position: int):
         path, label = self.folder.samples[self.indices[position]]
         try:
-            return self.folder.loader(path), label, path, None
+            return load_rgb(path), label, path, None
         except Exception as err:  # PIL raises several types for broken files; name the file either way
             return None, label, path, err
 
