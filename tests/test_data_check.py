@@ -235,3 +235,24 @@ def test_training_scales_16_bit_pngs_to_8_bits_instead_of_clipping(tmp_path):
         np.testing.assert_array_equal(got[..., channel], expected)
     # what PIL's own conversion does (and fastfit did): every value above 255 becomes white
     assert np.asarray(Image.open(path).convert("RGB"))[1, 0, 0] == 255 != expected[1, 0]
+
+
+def test_a_folder_the_walk_cannot_open_is_reported_and_stops_training_with_its_name(tmp_path, monkeypatch):
+    """The chmod test above as root too: the folder's listing fails as it does without read permission."""
+    from fastfit.data.samples import image_folder
+
+    root = tmp_path / "ds"
+    _class_folders(root / "train", {"a": 2, "b": 1})
+    locked = root / "train" / "b"
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = check_dataset(root / "train")
+    assert [(b.path, b.reason) for b in report.bad] == [(str(locked), "unreadable folder: Permission denied")]
+    with pytest.raises(DataError, match=f"dataset folder {locked}: unreadable folder: Permission denied; fix its"):
+        image_folder(root, "train")
