@@ -243,3 +243,14 @@ def test_a_milestone_at_or_after_the_last_epoch_is_a_warning_not_an_error(caplog
     cfg = load_config(None, ["optim.epochs=10", "optim.milestones=[5, 10]"])
     assert cfg.optim.milestones == [5, 10]
     assert "optim.milestones [10] are not before optim.epochs = 10" in caplog.text
+
+
+def test_the_largest_allowed_seed_still_gives_every_step_a_valid_torch_seed():
+    import torch
+
+    from fastfit.config import MAX_SEED
+    from fastfit.engine.run_state import step_seed
+
+    torch.manual_seed(step_seed(MAX_SEED, 4095, 10**12))  # 4096 ranks, 10¹² steps
+    with pytest.raises((RuntimeError, ValueError)):  # why there is a bound: a larger seed overflows 64 bits
+        torch.manual_seed(step_seed(MAX_SEED + 500, 0, 0))
