@@ -1,11 +1,14 @@
 """Preemption: SIGTERM / SIGUSR1 → the step finishes, a checkpoint is written, the process exits with code 75, and
 the run resumes exactly — by hand (--resume auto) or by torchrun's restarts (--max-restarts). Two gloo workers."""
 
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
-from tiny_runs import assert_same_training_state, records, tiny_config, torchrun, write_config
+from tiny_runs import REPO, assert_same_training_state, records, tiny_config, torchrun, write_config
 
 from fastfit.cli import main
 from fastfit.engine import checkpoint as ckpt
@@ -116,3 +119,48 @@ def test_torchrun_restarts_resume_from_the_newest_checkpoint_by_themselves(basel
     assert "checkpoint-0000000009.pt at stage 0 epoch 0 step 9 (global step 9)" in result.stdout, result.stdout[-4000:]
     assert records(run) == records(baseline)
     assert_same_training_state(run, baseline)
+
+
+# Long enough (20 epochs × 16 steps) that the signal always lands mid-run; DataLoader workers in every process.
+GROUP = ["data.train_subset=128", "optim.epochs=20", "run.log_interval=2", "data.workers=2"]
+
+
+def _start_in_own_group(config, run, *extra):
+    """scripts/train.py as one process in a session of its own, so os.killpg reaches it and its DataLoader workers
+    the way SLURM, `timeout` or `kill -- -PGID` do."""
+    command = [sys.executable, "scripts/train.py", "--config", str(config), f'run.output_dir="{run}"', *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FASTFIT_INJECT", None)
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [["SIGTERM"], ["SIGUSR1"], ["SIGINT"], ["SIGTERM", "SIGINT"]],
+    ids=["sigterm", "sigusr1", "sigint", "sigint-after-sigterm"],
+)
+def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_75(tmp_path, signals):
+    config = write_config(tmp_path, "mmrazor")
+    run = tmp_path / "run"
+    process = _start_in_own_group(config, run, *GROUP)
+    try:
+        _wait_for_progress(run, process)
+        for name in signals:  # a second signal while the first one's step and checkpoint are under way
+            os.killpg(process.pid, getattr(signal, name))
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == EXIT_PREEMPTED, err[-4000:]
+    assert "Traceback" not in err, err[-4000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"fastfit train: preempted: stopped by {signals[0]} after global step "), last
+    assert last.endswith(
+        "run the same command with --resume auto to continue (torchrun --max-restarts does so automatically)"
+    )
+    stopped = ckpt.load_checkpoint(ckpt.latest_checkpoint(run / "checkpoints"))
+    assert 2 <= stopped["global_step"] < 20 * 16
+    assert f"checkpoint {ckpt.checkpoint_path(run / 'checkpoints', stopped['global_step'])};" in last, last
