@@ -30,6 +30,7 @@ from fastfit.errors import (
 
 EXIT_OK = 0
 EXIT_BAD_FILES = 1  # `fastfit data check` found bad files
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -286,6 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         # Not recorded: torchrun must report the rank that failed first, not this consequence of it.
         print(f"{name}: {err}", file=sys.stderr)
         return EXIT_PEER_FAILED
+    except KeyboardInterrupt:
+        # Only where SIGINT is not a preemption signal (run.preemption_signals) or before training started.
+        print(
+            f"{name}: interrupted (SIGINT) without writing a checkpoint; a training run continues from its newest "
+            "checkpoint with --resume auto (list SIGINT in run.preemption_signals to checkpoint on Ctrl-C)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
 
 
 def train_main(argv: list[str] | None = None) -> int:

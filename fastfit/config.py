@@ -125,7 +125,8 @@ class RunConfig:
     tensorboard: bool = True
     nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss: stop with an error, or skip those steps
     nonfinite_check_every: int = 50  # steps between the non-finite checks (one host sync each; also at log steps)
-    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # → checkpoint, exit 75
+    # → checkpoint, exit 75 (SIGINT is Ctrl-C)
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
 
 
 @dataclass

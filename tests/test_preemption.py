@@ -157,7 +157,10 @@ def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_75(tmp_path, 
     assert process.returncode == EXIT_PREEMPTED, err[-4000:]
     assert "Traceback" not in err, err[-4000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"fastfit train: preempted: stopped by {signals[0]} after global step "), last
+    # Two signals pending at once are handled in signal-number order: either may be the one named.
+    assert any(last.startswith(f"fastfit train: preempted: stopped by {name} after global step ") for name in signals)
+    if len(signals) > 1:
+        assert "received while stopping for" in err and "SIGKILL (kill -9) abandons it" in err, err[-4000:]
     assert last.endswith(
         "run the same command with --resume auto to continue (torchrun --max-restarts does so automatically)"
     )
