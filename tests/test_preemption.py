@@ -167,3 +167,22 @@ def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_75(tmp_path, 
     stopped = ckpt.load_checkpoint(ckpt.latest_checkpoint(run / "checkpoints"))
     assert 2 <= stopped["global_step"] < 20 * 16
     assert f"checkpoint {ckpt.checkpoint_path(run / 'checkpoints', stopped['global_step'])};" in last, last
+
+
+def test_ctrl_c_without_sigint_handling_is_one_line_and_exit_130(tmp_path):
+    config = write_config(tmp_path, "mmrazor")
+    run = tmp_path / "run"
+    process = _start_in_own_group(config, run, *GROUP, 'run.preemption_signals=["SIGTERM"]')
+    try:
+        _wait_for_progress(run, process)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130, err[-4000:]
+    assert "Traceback" not in err, err[-4000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fastfit train: interrupted (SIGINT) without writing a checkpoint; a training run "), last
+    assert "continues from its newest checkpoint with --resume auto" in last, last
