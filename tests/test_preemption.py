@@ -186,3 +186,26 @@ def test_ctrl_c_without_sigint_handling_is_one_line_and_exit_130(tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("fastfit train: interrupted (SIGINT) without writing a checkpoint; a training run "), last
     assert "continues from its newest checkpoint with --resume auto" in last, last
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_torchruns_process_group_checkpoints_on_every_rank(tmp_path, name):
+    """torchrun, both workers and their DataLoader workers all get the signal (SLURM, `kill -- -PGID`, Ctrl-C), and
+    torchrun forwards it once more: both ranks still stop after the same step with one checkpoint and exit 75."""
+    config = write_config(tmp_path, "mmrazor")
+    run = tmp_path / "run"
+    process = torchrun(2, config, run, *GROUP, popen=True)
+    try:
+        _wait_for_progress(run, process)
+        os.killpg(process.pid, getattr(signal, name))
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert output.count(f"fastfit train: preempted: stopped by {name} after global step") == 2, output[-4000:]
+    assert "DataLoader worker" not in output and "KeyboardInterrupt" not in output, output[-4000:]
+    # torchrun itself ends on the signal with its own SignalException traceback (and no summary); the workers none
+    assert output.count("Traceback") == output.count("SignalException: Process"), output[-4000:]
+    stopped = ckpt.load_checkpoint(ckpt.latest_checkpoint(run / "checkpoints"))
+    assert 2 <= stopped["global_step"] < 20 * 16
