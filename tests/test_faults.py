@@ -41,6 +41,6 @@ def test_fault_specs_parse_or_say_the_format(monkeypatch):
     with pytest.raises(
         FastfitError,
         match=r"FASTFIT_INJECT='explode@5' is not <fault>@<step>\[:rank<r>\] with fault "
-        r"sigterm, sigusr1, sigkill, raise or nan .*unset FASTFIT_INJECT",
+        r"sigterm, sigusr1, sigkill, sigstop, raise or nan .*unset FASTFIT_INJECT",
     ):
         fault_from_env(rank=0)

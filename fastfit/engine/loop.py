@@ -50,7 +50,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         NonFiniteError: a loss became NaN/Inf under run.nonfinite = "stop".
         PeerFailure: this rank stopped because another process of the run failed first.
     """
-    env = setup_distributed(cfg.run.device)
+    env = setup_distributed(cfg.run.device, cfg.run.collective_timeout_s)
     graceful = False
     try:
         with StopSignals(cfg.run.preemption_signals) as signals:
