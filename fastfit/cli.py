@@ -25,6 +25,7 @@ from fastfit.errors import (
     ConfigError,
     FastfitError,
     PeerFailure,
+    PeerUnresponsive,
     Preempted,
 )
 
@@ -283,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         record_error(err)
         print(f"{name}: preempted: {err}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except PeerUnresponsive as err:
+        record_error(err)  # the root cause torchrun must report: the unresponsive rank is killed without a word
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return EXIT_PEER_FAILED
     except PeerFailure as err:
         # Not recorded: torchrun must report the rank that failed first, not this consequence of it.
         print(f"{name}: {err}", file=sys.stderr)

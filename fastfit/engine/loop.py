@@ -19,14 +19,22 @@ import time
 from typing import Any
 
 from fastfit.config import Config
-from fastfit.dist import cleanup_distributed, is_peer_failure, restart_count, setup_distributed
+from fastfit.dist import (
+    DistEnv,
+    cleanup_distributed,
+    is_peer_failure,
+    is_peer_timeout,
+    restart_count,
+    setup_distributed,
+    unresponsive_ranks,
+)
 from fastfit.engine import checkpoint as ckpt
 from fastfit.engine.evaluate import evaluate
 from fastfit.engine.preemption import StopSignals
 from fastfit.engine.run_state import Position, Run
 from fastfit.engine.setup import restore, setup_run, start_fresh
 from fastfit.engine.stage_runner import StageRunner
-from fastfit.errors import PeerFailure, Preempted
+from fastfit.errors import PeerFailure, PeerUnresponsive, Preempted
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +80,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         graceful = True  # every rank stopped at the same step, past the same barrier
         raise
     except Exception as err:
+        if env.distributed and is_peer_timeout(err):
+            raise _unresponsive(env, cfg.run.collective_timeout_s) from err
         if env.distributed and is_peer_failure(err):
             # Give the launcher time to see the process that failed first (its error is the root cause to report);
             # torchrun stops this one meanwhile. Our signal handlers are already restored, so that ends it at once.
@@ -83,6 +93,28 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         raise
     finally:
         cleanup_distributed(graceful)
+
+
+def _unresponsive(env: DistEnv, timeout_s: float) -> PeerUnresponsive:
+    """The error for a collective that timed out, naming the ranks that did not answer the roll call after it."""
+    missing = unresponsive_ranks(env, wait_s=min(timeout_s, 10.0))
+    waited = f"rank {env.rank} waited {timeout_s:g} s (run.collective_timeout_s) in a collective"
+    if missing is None:
+        return PeerUnresponsive(
+            f"{waited} and the rendezvous store did not answer either: the process hosting it (rank 0, unless "
+            "torchrun's agent hosts it) has stopped responding; inspect it (e.g. py-spy dump --pid PID)"
+        )
+    if not missing:
+        return PeerUnresponsive(
+            f"{waited} that every rank answered a roll call after: the ranks waited in different collectives; "
+            "report this with every rank's log"
+        )
+    ranks = ("rank " if len(missing) == 1 else "ranks ") + ", ".join(map(str, missing))
+    return PeerUnresponsive(
+        f"{ranks} stopped responding: {waited} that it never joined; it is stopped, hung or far slower than the "
+        f"others — inspect it (e.g. py-spy dump --pid PID), or raise run.collective_timeout_s if its steps, "
+        "evaluations or checkpoint writes are just that slow"
+    )
 
 
 def fit(run: Run) -> dict[str, Any]:
