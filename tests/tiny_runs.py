@@ -126,7 +126,6 @@ def torchrun(
     restarts: int = 0,
     timeout: float = 240,
     popen: bool = False,
-    shutdown_timeout: int = 30,
 ):
     """scripts/train.py under torchrun with `nproc` gloo workers (single-threaded, so two fit on two cores)."""
     command = [
@@ -137,7 +136,6 @@ def torchrun(
         f"--nproc_per_node={nproc}",
         f"--max-restarts={restarts}",
         "--monitor-interval=0.1",
-        f"--shutdown-timeout={shutdown_timeout}",  # how long torchrun waits after SIGTERM before SIGKILL
         "scripts/train.py",
         "--config",
         str(config),

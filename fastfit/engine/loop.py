@@ -97,7 +97,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
 
 def _unresponsive(env: DistEnv, timeout_s: float) -> PeerUnresponsive:
     """The error for a collective that timed out, naming the ranks that did not answer the roll call after it."""
-    missing = unresponsive_ranks(env, wait_s=min(timeout_s, 10.0))
+    missing = unresponsive_ranks(env, wait_s=min(timeout_s, 5.0))  # ranks in the same collective time out together
     waited = f"rank {env.rank} waited {timeout_s:g} s (run.collective_timeout_s) in a collective"
     if missing is None:
         return PeerUnresponsive(
