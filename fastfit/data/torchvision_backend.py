@@ -15,6 +15,7 @@ fastfit.data.samples.
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -40,13 +41,22 @@ MAX_SUBSTITUTES = 16  # consecutive undecodable files before skip_bad gives up: 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def ignore_stop_signals(_worker_id: int) -> None:
+def init_worker(_worker_id: int) -> None:
     """DataLoader worker_init_fn: stop signals are the main process's to act on. Torch's worker SIGTERM handler
     would kill the worker (and with it the run, before its checkpoint) and SIGINT would raise KeyboardInterrupt in it;
     ignored, the worker keeps serving batches until the main process has saved. Workers still end with the main
-    process: it shuts them down on exit, and a worker whose parent died notices within seconds (torch's watchdog)."""
+    process: it shuts them down on exit, and a worker whose parent died notices within seconds (torch's watchdog).
+
+    A main process that ends mid-transfer (a bare Ctrl-C) breaks the connection a worker's fd-sharing thread is
+    writing to; that is a consequence the main process already reports, so the thread's traceback is not printed."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    threading.excepthook = _quiet_lost_main
+
+
+def _quiet_lost_main(args: threading.ExceptHookArgs) -> None:
+    if not issubclass(args.exc_type, ConnectionError):
+        threading.__excepthook__(args)
 
 
 def train_transform(cfg: DataConfig) -> v2.Transform:
@@ -158,7 +168,7 @@ class TorchvisionTrainLoader(BadFileLog):
             drop_last=True,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=ignore_stop_signals,
+            worker_init_fn=init_worker,
         )
 
     def epoch(self, epoch: int, start_step: int = 0):
@@ -184,7 +194,7 @@ class TorchvisionValLoader(BadFileLog):
             pin_memory=env.device.type == "cuda",
             drop_last=False,
             persistent_workers=workers > 0,
-            worker_init_fn=ignore_stop_signals,
+            worker_init_fn=init_worker,
         )
 
     def __iter__(self):
