@@ -15,7 +15,7 @@ fastfit.data.samples.
 from __future__ import annotations
 
 import signal
-import threading
+import sys
 from pathlib import Path
 
 import torch
@@ -51,12 +51,12 @@ def init_worker(_worker_id: int) -> None:
     writing to; that is a consequence the main process already reports, so the thread's traceback is not printed."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    threading.excepthook = _quiet_lost_main
+    sys.excepthook = _quiet_lost_main  # multiprocessing's resource_sharer thread reports through sys.excepthook
 
 
-def _quiet_lost_main(args: threading.ExceptHookArgs) -> None:
-    if not issubclass(args.exc_type, ConnectionError):
-        threading.__excepthook__(args)
+def _quiet_lost_main(exc_type, exc, tb) -> None:
+    if not issubclass(exc_type, ConnectionError):
+        sys.__excepthook__(exc_type, exc, tb)
 
 
 def train_transform(cfg: DataConfig) -> v2.Transform:
