@@ -3,9 +3,10 @@ package. It installs the console log handler (fastfit.console) before running a 
 
 Bad input ends with one line naming the problem and the fix (exit code 2), not a traceback. A run stopped by a
 preemption signal exits with code 75 (EX_TEMPFAIL) after writing its checkpoint: run the same command with
---resume auto to continue. A rank that stopped because another rank failed exits with code 1 and says so.
-Under torchrun each of these messages is also written to the worker's error file, so torchrun's failure summary
-shows it instead of "To enable traceback see …".
+--resume auto to continue. A rank that stopped because another rank failed exits with code 1 and says so; a rank
+whose collective timed out names the ranks that stopped responding and exits 1. A Ctrl-C that is not a preemption
+signal ends in one line with code 130. Under torchrun each of these messages is also written to the worker's error
+file, so torchrun's failure summary shows it instead of "To enable traceback see …".
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ NCCL on CUDA, gloo on CPU. A single process without torchrun runs with world_siz
 Besides the training group there is a small gloo "control" group on CPU tensors: the ranks agree on stop requests
 (preemption signals, non-finite losses) through it without touching the GPU stream, and its collectives can run
 asynchronously next to DDP's.
+
+Both groups time out a collective after the run's collective timeout (run.collective_timeout_s); the rank that
+times out then holds a roll call in the rendezvous store (`unresponsive_ranks`) to name the ranks that stopped
+answering.
 """
 
 from __future__ import annotations
