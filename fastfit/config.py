@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -125,7 +126,11 @@ class RunConfig:
     tensorboard: bool = True
     nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss: stop with an error, or skip those steps
     nonfinite_check_every: int = 50  # steps between the non-finite checks (one host sync each; also at log steps)
-    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # → checkpoint, exit 75
+    # How long a rank waits in a collective for the others before naming the ones that stopped answering and ending
+    # the run (torchrun process groups); long enough for the slowest step, evaluation or checkpoint write.
+    collective_timeout_s: float = 600.0
+    # → checkpoint, exit 75 (SIGINT is Ctrl-C)
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
 
 
 @dataclass
@@ -291,6 +296,11 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
 
 
 def _validate(cfg: Config) -> None:
+    timeout = cfg.run.collective_timeout_s
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(
+            f"run.collective_timeout_s must be a finite number of seconds > 0, got {timeout}; the default is 600"
+        )
     r = cfg.recipe
     if r.name == "fitnets-paper":
         if not r.hints:
