@@ -295,12 +295,103 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def _validate(cfg: Config) -> None:
-    timeout = cfg.run.collective_timeout_s
-    if not (math.isfinite(timeout) and timeout > 0):
+# Every numeric setting's allowed range: key → (low, low included, high, high included); None = unbounded.
+# Checked at load, before any data is read, so a value that cannot work never costs an epoch.
+_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "model.num_classes": (1, True, None, False),
+    "optim.lr": (0, False, None, False),
+    "optim.momentum": (0, True, 1, False),
+    "optim.weight_decay": (0, True, None, False),
+    "optim.epochs": (1, True, None, False),
+    "optim.gamma": (0, False, 1, True),
+    "optim.warmup_epochs": (0, True, None, False),
+    "optim.batch_size": (1, True, None, False),
+    "optim.label_smoothing": (0, True, 1, False),
+    "data.image_size": (1, True, None, False),
+    "data.val_resize": (0, True, None, False),
+    "data.workers": (0, True, None, False),
+    "data.train_subset": (0, True, None, False),
+    "data.val_subset": (0, True, None, False),
+    "data.dali_threads": (1, True, None, False),
+    "data.dali_hw_decoder_load": (0, True, 1, True),
+    "run.seed": (0, True, None, False),
+    "run.log_interval": (1, True, None, False),
+    "run.eval_every": (1, True, None, False),
+    "run.keep_checkpoints": (0, True, None, False),
+    "run.checkpoint_every_steps": (0, True, None, False),
+    "run.max_steps_per_epoch": (0, True, None, False),
+    "run.nonfinite_check_every": (1, True, None, False),
+    "run.collective_timeout_s": (0, False, None, False),
+    "recipe.ce_weight": (0, True, None, False),
+    "recipe.hint_epochs": (0, True, None, False),
+    "recipe.hint_lr": (0, False, None, False),
+    "recipe.kd.temperature": (0, False, None, False),
+    "recipe.kd.weight": (0, True, None, False),
+    "recipe.kd.weight_end": (0, True, None, False),
+}
+
+
+def _range_text(low, low_in, high, high_in) -> str:
+    left = "unbounded" if low is None else f"{'≥' if low_in else '>'} {low}"
+    right = "" if high is None else f" and {'≤' if high_in else '<'} {high}"
+    return left + right
+
+
+def _in_range(value: float, low, low_in, high, high_in) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    above = low is None or (value >= low if low_in else value > low)
+    below = high is None or (value <= high if high_in else value < high)
+    return above and below
+
+
+def _lookup(cfg: Config, key: str):
+    node: Any = cfg
+    for part in key.split("."):
+        if node is None:
+            return None
+        node = getattr(node, part)
+    return node
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Each numeric value finite and in its range, then the cross-checks between values."""
+    checks = [(key, _lookup(cfg, key), bounds) for key, bounds in _RANGES.items()]
+    checks += [(f"recipe.hints[{i}].weight", h.weight, (0, True, None, False)) for i, h in enumerate(cfg.recipe.hints)]
+    for key, value, bounds in checks:
+        if value is None or value == "auto":
+            continue
+        if not _in_range(value, *bounds):
+            raise ConfigError(
+                f"{key} = {value} is out of range: it must be finite and {_range_text(*bounds)}; "
+                f"set {key}=<a value in that range>"
+            )
+    optim, data = cfg.optim, cfg.data
+    if optim.warmup_epochs >= optim.epochs:
         raise ConfigError(
-            f"run.collective_timeout_s must be a finite number of seconds > 0, got {timeout}; the default is 600"
+            f"optim.warmup_epochs = {optim.warmup_epochs} must be < optim.epochs = {optim.epochs} "
+            "(the warm-up would never end); lower it or raise optim.epochs"
         )
+    steps = optim.milestones
+    if any(m < 1 for m in steps) or any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise ConfigError(
+            f"optim.milestones = {steps} must be strictly increasing epoch numbers ≥ 1, e.g. [30, 60, 90]"
+        )
+    for key, pair, high in (("data.rrc_scale", data.rrc_scale, 1.0), ("data.rrc_ratio", data.rrc_ratio, None)):
+        if len(pair) != 2 or not all(math.isfinite(v) for v in pair) or not 0 < pair[0] <= pair[1]:
+            raise ConfigError(f"{key} = {pair} must be two finite numbers 0 < low ≤ high, e.g. {key}=[0.08, 1.0]")
+        if high is not None and pair[1] > high:
+            raise ConfigError(f"{key} = {pair}: the area fraction cannot exceed 1; e.g. {key}=[0.08, 1.0]")
+    if len(data.mean) != 3 or len(data.std) != 3:
+        raise ConfigError(f"data.mean and data.std need 3 values (RGB), got {data.mean} and {data.std}")
+    if not all(math.isfinite(v) for v in data.mean) or not all(math.isfinite(v) and v > 0 for v in data.std):
+        raise ConfigError(
+            f"data.mean = {data.mean} must be finite and data.std = {data.std} finite and > 0 (it divides the pixels)"
+        )
+
+
+def _validate(cfg: Config) -> None:
+    _check_numbers(cfg)
     r = cfg.recipe
     if r.name == "fitnets-paper":
         if not r.hints:
@@ -311,20 +402,6 @@ def _validate(cfg: Config) -> None:
             raise ConfigError("recipe fitnets-paper needs [recipe.kd] for its second stage")
     if r.name != "supervised" and not cfg.model.teacher:
         raise ConfigError(f"recipe {r.name} needs model.teacher (a model name), got an empty string")
-    if r.kd is not None and r.kd.temperature <= 0:
-        raise ConfigError(f"recipe.kd.temperature must be > 0, got {r.kd.temperature}")
-    for name, value in (
-        ("optim.batch_size", cfg.optim.batch_size),
-        ("optim.epochs", cfg.optim.epochs),
-        ("model.num_classes", cfg.model.num_classes),
-        ("data.image_size", cfg.data.image_size),
-    ):
-        if value <= 0:
-            raise ConfigError(f"{name} must be > 0, got {value}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
-        raise ConfigError(f"data.mean and data.std need 3 values (RGB), got {cfg.data.mean} and {cfg.data.std}")
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:

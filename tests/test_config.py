@@ -73,7 +73,7 @@ def test_overrides_parse_toml_values_and_bare_strings():
         ("run.compile=maybe", r"run.compile must be bool or 'auto', got 'maybe'"),
         ("recipe.name=kd", r"recipe.name must be one of 'mmrazor', 'fitnets-paper', 'supervised', got 'kd'"),
         ("data.backend=ffcv", r"data.backend must be one of 'torchvision' \| 'dali' \| 'auto', got 'ffcv'"),
-        ("optim.batch_size=0", r"optim.batch_size must be > 0, got 0"),
+        ("optim.batch_size=0", r"optim.batch_size = 0 is out of range: it must be finite and ≥ 1"),
     ],
 )
 def test_bad_keys_and_values_name_the_key_and_what_is_allowed(override, message):
@@ -104,3 +104,68 @@ def test_file_then_overrides_order(tmp_path):
     path.write_text("[optim]\nlr = 0.2\nepochs = 7\n")
     cfg = load_config(path, ["optim.lr=0.3"])
     assert (cfg.optim.lr, cfg.optim.epochs) == (0.3, 7)
+
+
+OUT_OF_RANGE = [
+    ("optim.lr=0.0", "optim.lr", "> 0"),
+    ("optim.lr=nan", "optim.lr", "> 0"),
+    ("optim.lr=inf", "optim.lr", "> 0"),
+    ("optim.momentum=1.0", "optim.momentum", "< 1"),
+    ("optim.weight_decay=-1e-4", "optim.weight_decay", "≥ 0"),
+    ("optim.epochs=0", "optim.epochs", "≥ 1"),
+    ("optim.gamma=0.0", "optim.gamma", "> 0 and ≤ 1"),
+    ("optim.gamma=1.5", "optim.gamma", "≤ 1"),
+    ("optim.batch_size=-8", "optim.batch_size", "≥ 1"),
+    ("optim.label_smoothing=1.0", "optim.label_smoothing", "< 1"),
+    ("model.num_classes=0", "model.num_classes", "≥ 1"),
+    ("data.image_size=0", "data.image_size", "≥ 1"),
+    ("data.val_resize=-1", "data.val_resize", "≥ 0"),
+    ("data.workers=-2", "data.workers", "≥ 0"),
+    ("data.dali_threads=0", "data.dali_threads", "≥ 1"),
+    ("data.train_subset=-5", "data.train_subset", "≥ 0"),
+    ("data.dali_hw_decoder_load=1.5", "data.dali_hw_decoder_load", "≤ 1"),
+    ("run.seed=-1", "run.seed", "≥ 0"),
+    ("run.log_interval=0", "run.log_interval", "≥ 1"),
+    ("run.eval_every=0", "run.eval_every", "≥ 1"),
+    ("run.keep_checkpoints=-1", "run.keep_checkpoints", "≥ 0"),
+    ("run.nonfinite_check_every=0", "run.nonfinite_check_every", "≥ 1"),
+    ("run.collective_timeout_s=nan", "run.collective_timeout_s", "> 0"),
+    ("recipe.ce_weight=-1.0", "recipe.ce_weight", "≥ 0"),
+]
+
+
+@pytest.mark.parametrize(("override", "key", "allowed"), OUT_OF_RANGE, ids=[o for o, _, _ in OUT_OF_RANGE])
+def test_every_number_is_checked_for_range_and_finiteness_at_load(override, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert message.startswith(f"{key} = ") and allowed in message and f"set {key}=" in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["recipe.name=mmrazor", "recipe.kd={temperature=0.0}"], r"recipe.kd.temperature = 0.0 is out of range"),
+        (["recipe.name=mmrazor", 'recipe.hints=[{student="a", teacher="b", weight=-1.0}]'], r"hints\[0\].weight"),
+        (["recipe.name=fitnets-paper", "recipe.hint_lr=-0.1"], r"recipe.hint_lr = -0.1"),
+        (["optim.epochs=5", "optim.warmup_epochs=5.0"], r"warmup_epochs = 5.0 must be < optim.epochs = 5"),
+        (["optim.milestones=[30, 30]"], r"strictly increasing"),
+        (["optim.milestones=[0]"], r"strictly increasing epoch numbers ≥ 1"),
+        (["data.rrc_scale=[0.5, 0.2]"], r"data.rrc_scale = \[0.5, 0.2\] must be two finite numbers 0 < low ≤ high"),
+        (["data.rrc_scale=[0.5, 1.5]"], r"cannot exceed 1"),
+        (["data.rrc_ratio=[0.0, 1.0]"], r"data.rrc_ratio"),
+        (["data.std=[0.2, 0.0, 0.2]"], r"finite and > 0"),
+        (["data.mean=[0.5, nan, 0.5]"], r"data.mean = .* must be finite"),
+        (["data.mean=[0.5, 0.5]"], r"need 3 values"),
+    ],
+)
+def test_cross_checks_name_the_keys_and_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model.teacher=wide_cnn", *overrides])
+
+
+def test_every_shipped_config_passes_the_range_checks():
+    from fastfit.config import shipped_configs_dir
+
+    for path in sorted(shipped_configs_dir().glob("*.toml")):
+        load_config(path)
