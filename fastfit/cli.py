@@ -3,9 +3,10 @@ call the package. It installs the console log handler (fastfit.console) before r
 
 Bad input ends with one line naming the problem and the fix (exit code 2), not a traceback. A run stopped by a
 preemption signal exits with code 75 (EX_TEMPFAIL) after writing its checkpoint: run the same command with
---resume auto to continue. A rank that stopped because another rank failed exits with code 1 and says so.
-Under torchrun each of these messages is also written to the worker's error file, so torchrun's failure summary
-shows it instead of "To enable traceback see …".
+--resume auto to continue. A rank that stopped because another rank failed exits with code 1 and says so; a rank
+whose collective timed out names the ranks that stopped responding and exits 1. A Ctrl-C that is not a preemption
+signal ends in one line with code 130. Under torchrun each of these messages is also written to the worker's error
+file, so torchrun's failure summary shows it instead of "To enable traceback see …".
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from fastfit.errors import (
     ConfigError,
     FastfitError,
     PeerFailure,
+    PeerUnresponsive,
     Preempted,
 )
 
 EXIT_OK = 0
 EXIT_BAD_FILES = 1  # `fastfit data check` found bad files
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -388,10 +391,22 @@ def main(argv: list[str] | None = None) -> int:
         record_error(err)
         print(f"{name}: preempted: {err}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except PeerUnresponsive as err:
+        record_error(err)  # the root cause torchrun must report: the unresponsive rank is killed without a word
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return EXIT_PEER_FAILED
     except PeerFailure as err:
         # Not recorded: torchrun must report the rank that failed first, not this consequence of it.
         print(f"{name}: {err}", file=sys.stderr)
         return EXIT_PEER_FAILED
+    except KeyboardInterrupt:
+        # Only where SIGINT is not a preemption signal (run.preemption_signals) or before training started.
+        print(
+            f"{name}: interrupted (SIGINT) without writing a checkpoint; a training run continues from its newest "
+            "checkpoint with --resume auto (list SIGINT in run.preemption_signals to checkpoint on Ctrl-C)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
 
 
 def train_main(argv: list[str] | None = None) -> int:

@@ -129,7 +129,11 @@ class RunConfig:
     tensorboard: bool = True
     nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss: stop with an error, or skip those steps
     nonfinite_check_every: int = 50  # steps between the non-finite checks (one host sync each; also at log steps)
-    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # → checkpoint, exit 75
+    # How long a rank waits in a collective for the others before naming the ones that stopped answering and ending
+    # the run (torchrun process groups); long enough for the slowest step, evaluation or checkpoint write.
+    collective_timeout_s: float = 600.0
+    # → checkpoint, exit 75 (SIGINT is Ctrl-C)
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
 
 
 @dataclass
@@ -358,7 +362,7 @@ RANGES: dict[str, Range] = {
     "data.workers": AT_LEAST_0,
     "data.train_subset": AT_LEAST_0,
     "data.val_subset": AT_LEAST_0,
-    "data.dali_threads": AT_LEAST_0,
+    "data.dali_threads": AT_LEAST_1,
     "data.dali_hw_decoder_load": Range(0, 1),
     "run.seed": Range(0, MAX_SEED),
     "run.log_interval": AT_LEAST_1,
@@ -367,6 +371,7 @@ RANGES: dict[str, Range] = {
     "run.checkpoint_every_steps": AT_LEAST_0,
     "run.max_steps_per_epoch": AT_LEAST_0,
     "run.nonfinite_check_every": AT_LEAST_1,
+    "run.collective_timeout_s": POSITIVE,
 }
 
 

@@ -6,12 +6,17 @@ NCCL on CUDA, gloo on CPU. A single process without torchrun runs with world_siz
 Besides the training group there is a small gloo "control" group on CPU tensors: the ranks agree on stop requests
 (preemption signals, non-finite losses) through it without touching the GPU stream, and its collectives can run
 asynchronously next to DDP's.
+
+Both groups time out a collective after the run's collective timeout (run.collective_timeout_s); the rank that
+times out then holds a roll call in the rendezvous store (`unresponsive_ranks`) to name the ranks that stopped
+answering.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +164,33 @@ _PEER_GONE = (
 def is_peer_failure(err: BaseException) -> bool:
     text = str(err)
     return isinstance(err, RuntimeError) and any(marker in text for marker in _PEER_GONE)
+
+
+# How a collective reports that the group's timeout (run.collective_timeout_s) ran out: gloo, NCCL's watchdog.
+_TIMED_OUT = ("Timed out waiting", "collective operation timeout", "timed out")
+
+
+def is_peer_timeout(err: BaseException) -> bool:
+    return isinstance(err, RuntimeError) and any(marker in str(err) for marker in _TIMED_OUT)
+
+
+def unresponsive_ranks(env: DistEnv, wait_s: float) -> list[int] | None:
+    """After a collective timed out on this rank: the ranks that do not answer a roll call in the rendezvous store
+    within `wait_s`. Every rank whose collective timed out answers it, so those missing are stopped, hung, or busy
+    outside the collective. None when the store itself does not answer (its host may be the stopped process)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=wait_s))
+        prefix = f"fastfit/roll-call/attempt-{restart_count()}/rank-"
+        store.set(f"{prefix}{env.rank}", "here")
+        deadline = time.monotonic() + wait_s
+        while True:
+            missing = [r for r in range(env.world_size) if not store.check([f"{prefix}{r}"])]
+            if not missing or time.monotonic() >= deadline:
+                return missing
+            time.sleep(0.2)
+    except (RuntimeError, ValueError):  # a store that timed out or is gone; ValueError: no default group
+        return None
 
 
 def restart_count() -> int:

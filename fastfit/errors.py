@@ -63,3 +63,7 @@ class Preempted(Exception):
 
 class PeerFailure(RuntimeError):
     """This rank stopped because another process of the run failed first (its error is the one to read)."""
+
+
+class PeerUnresponsive(RuntimeError):
+    """Another process of the run stopped answering within run.collective_timeout_s (the message names its rank)."""

@@ -17,8 +17,9 @@ so dX = dY·W and dW = dYᵀX reduce to GEMMs over D plus Cs × Cs corrections (
 Σ_m dY, which is exactly zero under batch statistics.
 
 Passes (batch-statistics BN; others skip the first two):
-  forward   column sums of X, centered Gram of X (M·Cs² FLOPs) → regressor GEMM + loss epilogue (2·M·Cs·Ct FLOPs;
-            reads X, W, T; writes a few floats per row)
+  forward   column sums of X, centered Gram of X (M·Cs² FLOPs) → W·Gc → every per-channel quantity in one launch
+            (hint_loss_channels: a, e, center, r, mean_A, var_A, kept for the backward and the running-stat update)
+            → regressor GEMM + loss epilogue (2·M·Cs·Ct FLOPs; reads X, W, T; writes a few floats per row)
   backward  regressor GEMM again + dP epilogue, writing D → dX GEMM (2·M·Ct·Cs + 2·M·Cs²) → DᵀX GEMM (2·M·Ct·Cs)
 Memory: D is one (M, Ct) buffer in the grad dtype (bf16 for bf16 features, else fp32), live only during backward:
 M·Ct·2 bytes in bf16 — 51 MB for layer4 (12,544 × 2048) and 103 MB for layer3 (50,176 × 1024) at batch 256, the
@@ -33,13 +34,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .hint_loss_channels import BATCH_STATS, CHANNEL_ROWS, NO_BN, RUNNING_STATS, channel_affine, channel_grads
 from .hint_loss_checks import check_hint_inputs, unpack_connector
 from .hint_loss_common import check_runnable
 from .hint_loss_grads import hint_dt_x, hint_grad_student
 from .hint_loss_stats import fp32_matmul, hint_moments
 from .hint_loss_tiles import hint_backward_dp, hint_forward_sums
 
-NO_BN, BATCH_STATS, RUNNING_STATS = 0, 1, 2  # how BatchNorm normalizes
 NORM_EPS = 1e-12  # fastfit.distill.losses._NORM_EPS: an all-zero map normalizes to zero
 
 
@@ -49,28 +50,13 @@ def _fp32_math(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-def _affine(mode, mean_a, var_a, bias, bn_weight, bn_bias, running_mean, running_var, eps, ct, device):
-    """(a, e, center, r): P = A·a + e and x̂ = (A − center)·r, all fp32 (Ct,)."""
-    zeros = torch.zeros(ct, device=device, dtype=torch.float32)
-    b = bias.float() if bias is not None else zeros
-    if mode == NO_BN:
-        return torch.ones_like(zeros), b, zeros, torch.ones_like(zeros)
-    if mode == BATCH_STATS:
-        rstd, center = torch.rsqrt(var_a + eps), mean_a
-    else:
-        rstd, center = torch.rsqrt(running_var.float() + eps), running_mean.float() - b
-    scale = rstd * bn_weight.float() if bn_weight is not None else rstd
-    shift = (bn_bias.float() if bn_bias is not None else zeros) - center * scale
-    return scale, shift, center, rstd
-
-
 def regressor_stats(w_lp: Tensor, feature_mean: Tensor, feature_gram: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
     """(mean_A, var_A, W·Gc) of A = X Wᵀ from X's moments (μ, Gc over m rows), fp32. No fp32 torch matmul: those
-    follow torch.backends.cuda.matmul.allow_tf32, and TF32 would cost ~1e-3 of the variance. mean_A is an
-    elementwise product and sum; W·Gc runs as 3×TF32 MMAs (fp32-accurate) and is kept for the backward."""
-    w_f = w_lp.float()
-    wg = fp32_matmul(w_f, feature_gram)
-    return (w_f * feature_mean).sum(1), (wg * w_f).sum(1).div(m).clamp_min(0.0), wg
+    follow torch.backends.cuda.matmul.allow_tf32, and TF32 would cost ~1e-3 of the variance. W·Gc runs as 3×TF32
+    MMAs (fp32-accurate) and is kept for the backward; mean_A and var_A come from the per-channel kernel."""
+    wg = fp32_matmul(w_lp, feature_gram)
+    chan = channel_affine(BATCH_STATS, w_lp, feature_mean, wg, m, None, None, None, None, None, 0.0)
+    return chan[4], chan[5], wg
 
 
 def _loss(kind: str, sums: Tensor, n: int, m: int, ct: int) -> Tensor:
@@ -114,7 +100,7 @@ def _hint_loss_op(
     bn_mode: int,
     relu: bool,
     kind: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with _fp32_math(student.device):
         return _forward(
             student,
@@ -153,15 +139,13 @@ def _forward(
     n, cs, h, w = student.shape
     ct, m = teacher.shape[1], n * h * w
     w_lp = weight.reshape(ct, cs).to(student.dtype)  # the GEMM's operand; batch statistics use the same values
-    # distinct tensors: outputs may not alias
-    mean_a, var_a, wg = (student.new_empty((0,), dtype=torch.float32) for _ in range(3))
+    wg = student.new_empty((0,), dtype=torch.float32)
     if bn_mode == BATCH_STATS:
-        mean_a, var_a, wg = regressor_stats(w_lp, feature_mean, feature_gram, m)
-    scale, shift, _, _ = _affine(
-        bn_mode, mean_a, var_a, bias, bn_weight, bn_bias, running_mean, running_var, eps, ct, student.device
-    )
-    sums = hint_forward_sums(student, teacher, w_lp, scale, shift, relu, kind == "normalized_l2")
-    return _loss(kind, sums, n, m, ct), mean_a, var_a, wg, sums
+        wg = fp32_matmul(w_lp, feature_gram)  # W·Gc, fp32-accurate (3×TF32), kept for the backward's dW
+    # One launch for every per-channel quantity: (6, Ct) rows a, e, center, r, mean_A, var_A (hint_loss_channels).
+    chan = channel_affine(bn_mode, w_lp, feature_mean, wg, m, bias, bn_weight, bn_bias, running_mean, running_var, eps)
+    sums = hint_forward_sums(student, teacher, w_lp, chan[0], chan[1], relu, kind == "normalized_l2")
+    return _loss(kind, sums, n, m, ct), chan, wg, sums
 
 
 @_hint_loss_op.register_fake
@@ -185,8 +169,7 @@ def _(
     f32 = torch.float32
     return (
         student.new_empty((), dtype=f32),
-        student.new_empty((stats,), dtype=f32),
-        student.new_empty((stats,), dtype=f32),
+        student.new_empty((CHANNEL_ROWS, teacher.shape[1]), dtype=f32),
         student.new_empty((stats, student.shape[1]) if stats else (0,), dtype=f32),
         student.new_empty((3 if kind == "normalized_l2" else 1, student.shape[0]), dtype=torch.float64),
     )
@@ -205,8 +188,7 @@ def _hint_loss_backward_op(
     feature_gram: Optional[Tensor],
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
-    mean_a: Tensor,
-    var_a: Tensor,
+    chan: Tensor,
     wg: Tensor,
     sums: Tensor,
     eps: float,
@@ -231,8 +213,7 @@ def _hint_loss_backward_op(
             feature_gram,
             running_mean,
             running_var,
-            mean_a,
-            var_a,
+            chan,
             wg,
             sums,
             eps,
@@ -258,8 +239,7 @@ def _backward_grads(
     feature_gram,
     running_mean,
     running_var,
-    mean_a,
-    var_a,
+    chan,
     wg,
     sums,
     eps,
@@ -275,26 +255,25 @@ def _backward_grads(
     ct, m = teacher.shape[1], n * h * w
     w_lp = weight.reshape(ct, cs).to(student.dtype)
     w_f = w_lp.float()
-    scale, shift, center, rstd = _affine(
-        bn_mode, mean_a, var_a, bias, bn_weight, bn_bias, running_mean, running_var, eps, ct, student.device
-    )
+    scale, shift, center = chan[0], chan[1], chan[2]  # from the forward's per-channel kernel
     coef = _sample_coefficients(kind, sums, grad, n, m, ct)
     batch = bn_mode == BATCH_STATS
     want_sums = batch or need_bias or (need_bn and bn_mode != NO_BN)
     grad_dtype = torch.bfloat16 if student.dtype == torch.bfloat16 else torch.float32
-    d, col_sums = hint_backward_dp(student, teacher, w_lp, scale, shift, center, coef, relu, want_sums, grad_dtype)
-    sum_d, sum_dx = (col_sums[0], col_sums[1]) if want_sums else (None, None)
-    c1 = a_sum_d = None
-    if batch:
-        c1 = -scale * rstd * rstd * sum_dx / m
-        a_sum_d = scale * sum_d
+    d, col_part = hint_backward_dp(student, teacher, w_lp, scale, shift, center, coef, relu, want_sums, grad_dtype)
+    # One launch: the column sums' reduction, dγ, dβ, the bias gradient, c1, a·Σ dP and Wa = diag(a)·W.
+    f32 = torch.float32
+    dtypes = tuple(p.dtype if p is not None else f32 for p in (bn_bias, bn_weight, bias))
+    coef_bn, d_beta_all, d_gamma_all, d_bias_all, weight_a = channel_grads(
+        bn_mode, col_part, chan, w_lp, m, grad_dtype, dtypes
+    )
+    c1, a_sum_d = coef_bn[0], coef_bn[1]
     d_student, d_weight, d_bias, d_gamma, d_beta = (student.new_empty((0,)) for _ in range(5))
     if need_student:
         g1 = g0 = None
         if batch:
             g1 = fp32_matmul(w_f.t(), w_f, scale_k=c1)  # Wᵀ·diag(c1)·W
             g0 = -(w_f * a_sum_d[:, None]).sum(0) / m
-        weight_a = (scale[:, None] * w_f).to(grad_dtype)
         d_student = hint_grad_student(d, weight_a, student, feature_mean, g1, g0)
     if need_weight:
         dw = scale[:, None] * hint_dt_x(d, student)
@@ -302,11 +281,9 @@ def _backward_grads(
             dw = dw + c1[:, None] * wg - a_sum_d[:, None] * feature_mean[None, :]  # W·Gc from the forward
         d_weight = dw.to(weight.dtype).reshape(weight.shape)
     if need_bias:
-        db = torch.zeros_like(sum_d) if batch else (sum_d if bn_mode == NO_BN else scale * sum_d)
-        d_bias = db.to(bias.dtype)
+        d_bias = d_bias_all
     if need_bn:
-        d_gamma = (rstd * sum_dx).to(bn_weight.dtype)
-        d_beta = sum_d.to(bn_bias.dtype).clone()
+        d_gamma, d_beta = d_gamma_all, d_beta_all
     return d_student, d_weight, d_bias, d_gamma, d_beta
 
 
@@ -323,8 +300,7 @@ def _(
     feature_gram,
     running_mean,
     running_var,
-    mean_a,
-    var_a,
+    chan,
     wg,
     sums,
     eps,
@@ -365,7 +341,7 @@ def _setup_context(ctx, inputs, output):
         relu,
         kind,
     ) = inputs
-    _, mean_a, var_a, wg, sums = output
+    _, chan, wg, sums = output
     ctx.save_for_backward(
         student,
         teacher,
@@ -377,15 +353,14 @@ def _setup_context(ctx, inputs, output):
         feature_gram,
         running_mean,
         running_var,
-        mean_a,
-        var_a,
+        chan,
         wg,
         sums,
     )
     ctx.config = (eps, bn_mode, relu, kind)
 
 
-def _backward(ctx, grad_loss, _grad_mean, _grad_var, _grad_wg, _grad_sums):
+def _backward(ctx, grad_loss, _grad_chan, _grad_wg, _grad_sums):
     need = ctx.needs_input_grad
     need_bn = ctx.saved_tensors[4] is not None and (need[4] or need[5])
     grads = _hint_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.config, need[0], need[2], need[3], need_bn)
@@ -557,7 +532,7 @@ def fused_hint_loss(
     if mode == BATCH_STATS:
         feature_mean, feature_gram = hint_moments(student.detach())
     running = (running_mean, running_var) if mode == RUNNING_STATS else (None, None)
-    loss, mean_a, var_a, _, _ = _hint_loss_op(
+    loss, chan, _, _ = _hint_loss_op(
         student,
         teacher.detach(),
         weight,
@@ -573,9 +548,9 @@ def fused_hint_loss(
         kind,
     )
     if mode == BATCH_STATS and training and running_mean is not None:
-        batch_mean = mean_a.detach() + (bias.detach().float() if bias is not None else 0.0)
+        batch_mean = chan[4].detach() + (bias.detach().float() if bias is not None else 0.0)
         n, _, h, w = student.shape
         _update_running_stats(
-            running_mean, running_var, num_batches_tracked, batch_mean, var_a.detach(), momentum, n * h * w
+            running_mean, running_var, num_batches_tracked, batch_mean, chan[5].detach(), momentum, n * h * w
         )
     return loss

@@ -362,7 +362,8 @@ def hint_backward_dp(
     sums: bool,
     grad_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor | None]:
-    """D = dL/dP as an (M, Ct) matrix of grad_dtype, and (Σ_m dP, Σ_m dP·(A − center)) per channel when sums."""
+    """D = dL/dP as an (M, Ct) matrix of grad_dtype, and when sums the (2, row blocks, Ct) fp32 column partial sums
+    of dP and dP·(A − center) (hint_loss_channels.channel_grads reduces them)."""
     n = student.shape[0]
     args = _layout_args(student, teacher, weight_lp)
     m, ct = args[0], args[2]
@@ -393,4 +394,4 @@ def hint_backward_dp(
         INDEX_64=needs_int64(student, teacher, d, part),
         **fixed_meta(),
     )
-    return d, (part.sum(dim=1) if sums else None)
+    return d, (part if sums else None)

@@ -227,6 +227,14 @@ def test_each_range_accepts_its_bounds_and_rejects_values_beyond_them_naming_key
         (["run.seed=18001"], r"run.seed must be in \[0, 18000\], got 18001"),
         (["data.workers=-1"], r"data.workers must be ≥ 0, got -1"),
         (["optim.lr=nan"], r"optim.lr must be a finite number > 0, got nan; set it to a value > 0 \(the default"),
+        (["optim.milestones=[0]"], r"optim.milestones\[0\] must be ≥ 1, got 0"),
+        (["data.rrc_scale=[0.5, 1.5]"], r"data.rrc_scale\[1\] must be in \(0, 1\], got 1.5"),
+        (["data.mean=[0.5, nan, 0.5]"], r"data.mean\[1\] must be a finite number, got nan"),
+        (["recipe.name=fitnets-paper", "recipe.hint_lr=-0.1"], r"recipe.hint_lr must be > 0, got -0.1"),
+        (
+            ["run.collective_timeout_s=-5"],
+            r"run.collective_timeout_s must be > 0, got -5.0; .*\(the default is 600.0\)",
+        ),
     ],
 )
 def test_settings_that_only_work_together_are_checked_together(overrides, message):

@@ -52,8 +52,10 @@ def test_the_gate_covers_every_op_shape_dtype_and_arch(report):
         "_hint_colsum_kernel",
         "_hint_gram_kernel",
         "_small_gemm_kernel",
+        "_hint_channel_affine_kernel",
         "_hint_fwd_kernel",
         "_hint_bwd_dp_kernel",
+        "_hint_channel_grads_kernel",
         "_hint_dx_kernel",
         "_hint_dw_kernel",
     }

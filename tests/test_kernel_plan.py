@@ -34,3 +34,24 @@ def test_kd_plan_counts_five_passes_and_three_launches():
     assert small["floor_within_70pct"] and small["floor_us_H200"] < 0.7 * 12.0
     assert {k["kernel"] for k in report["kernels"]} == {"_kd_loss_fwd_kernel", "_kd_loss_bwd_kernel"}
     assert all(k["spill_bytes"] == 0 for k in report["kernels"])
+
+
+HINT_CODE = """
+import json
+from fastfit.perf.kernel_bench.plan import plan
+print(json.dumps(plan(["hint layer4 bfloat16"])))
+"""
+
+
+def test_hint_plan_counts_the_per_channel_math_as_two_triton_launches():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", HINT_CODE], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    (row,) = report["ops"]
+    kernels = [k["kernel"] for k in report["kernels"]]
+    # BatchNorm's affine, statistics and gradient corrections run in the two channel kernels, once each
+    assert kernels.count("_hint_channel_affine_kernel") == 1 and kernels.count("_hint_channel_grads_kernel") == 1
+    assert row["triton_launches"] == len(kernels) == 10
+    assert not {"rsqrt", "zeros", "zeros_like", "clone"} & set(row["torch_ops"]), row["torch_ops"]
+    assert row["launches"] == row["triton_launches"] + row["torch_launches"]

@@ -1,11 +1,14 @@
 """Preemption: SIGTERM / SIGUSR1 → the step finishes, a checkpoint is written, the process exits with code 75, and
 the run resumes exactly — by hand (--resume auto) or by torchrun's restarts (--max-restarts). Two gloo workers."""
 
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
-from tiny_runs import assert_same_training_state, records, tiny_config, torchrun, write_config
+from tiny_runs import REPO, assert_same_training_state, records, tiny_config, torchrun, write_config
 
 from fastfit.cli import main
 from fastfit.engine import checkpoint as ckpt
@@ -116,3 +119,93 @@ def test_torchrun_restarts_resume_from_the_newest_checkpoint_by_themselves(basel
     assert "checkpoint-0000000009.pt at stage 0 epoch 0 step 9 (global step 9)" in result.stdout, result.stdout[-4000:]
     assert records(run) == records(baseline)
     assert_same_training_state(run, baseline)
+
+
+# Long enough (20 epochs × 16 steps) that the signal always lands mid-run; DataLoader workers in every process.
+GROUP = ["data.train_subset=128", "optim.epochs=20", "run.log_interval=2", "data.workers=2"]
+
+
+def _start_in_own_group(config, run, *extra):
+    """scripts/train.py as one process in a session of its own, so os.killpg reaches it and its DataLoader workers
+    the way SLURM, `timeout` or `kill -- -PGID` do."""
+    command = [sys.executable, "scripts/train.py", "--config", str(config), f'run.output_dir="{run}"', *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FASTFIT_INJECT", None)
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [["SIGTERM"], ["SIGUSR1"], ["SIGINT"], ["SIGTERM", "SIGINT"]],
+    ids=["sigterm", "sigusr1", "sigint", "sigint-after-sigterm"],
+)
+def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_75(tmp_path, signals):
+    config = write_config(tmp_path, "mmrazor")
+    run = tmp_path / "run"
+    process = _start_in_own_group(config, run, *GROUP)
+    try:
+        _wait_for_progress(run, process)
+        for name in signals:  # a second signal while the first one's step and checkpoint are under way
+            os.killpg(process.pid, getattr(signal, name))
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == EXIT_PREEMPTED, err[-4000:]
+    assert "Traceback" not in err, err[-4000:]
+    last = err.strip().splitlines()[-1]
+    # Two signals pending at once are handled in signal-number order: either may be the one named.
+    assert any(last.startswith(f"fastfit train: preempted: stopped by {name} after global step ") for name in signals)
+    if len(signals) > 1:
+        assert "received while stopping for" in err and "SIGKILL (kill -9) abandons it" in err, err[-4000:]
+    assert last.endswith(
+        "run the same command with --resume auto to continue (torchrun --max-restarts does so automatically)"
+    )
+    stopped = ckpt.load_checkpoint(ckpt.latest_checkpoint(run / "checkpoints"))
+    assert 2 <= stopped["global_step"] < 20 * 16
+    assert f"checkpoint {ckpt.checkpoint_path(run / 'checkpoints', stopped['global_step'])};" in last, last
+
+
+def test_ctrl_c_without_sigint_handling_is_one_line_and_exit_130(tmp_path):
+    config = write_config(tmp_path, "mmrazor")
+    run = tmp_path / "run"
+    process = _start_in_own_group(config, run, *GROUP, 'run.preemption_signals=["SIGTERM"]')
+    try:
+        _wait_for_progress(run, process)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130, err[-4000:]
+    assert "Traceback" not in err, err[-4000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fastfit train: interrupted (SIGINT) without writing a checkpoint; a training run "), last
+    assert "continues from its newest checkpoint with --resume auto" in last, last
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_torchruns_process_group_checkpoints_on_every_rank(tmp_path, name):
+    """torchrun, both workers and their DataLoader workers all get the signal (SLURM, `kill -- -PGID`, Ctrl-C), and
+    torchrun forwards it once more: both ranks still stop after the same step with one checkpoint and exit 75."""
+    config = write_config(tmp_path, "mmrazor")
+    run = tmp_path / "run"
+    process = torchrun(2, config, run, *GROUP, popen=True)
+    try:
+        _wait_for_progress(run, process)
+        os.killpg(process.pid, getattr(signal, name))
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert output.count(f"fastfit train: preempted: stopped by {name} after global step") == 2, output[-4000:]
+    assert "DataLoader worker" not in output and "KeyboardInterrupt" not in output, output[-4000:]
+    # torchrun itself ends on the signal with its own SignalException traceback (and no summary); the workers none
+    assert output.count("Traceback") == output.count("SignalException: Process"), output[-4000:]
+    stopped = ckpt.load_checkpoint(ckpt.latest_checkpoint(run / "checkpoints"))
+    assert 2 <= stopped["global_step"] < 20 * 16

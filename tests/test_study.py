@@ -127,3 +127,14 @@ def test_an_interrupted_study_resumes_and_skips_finished_runs(tmp_path, monkeypa
     saved = json.loads((out / "study.json").read_text())
     assert saved["environment"]["git_sha"] and len(saved["runs"]) == len(report["runs"])
     assert "| thin-bn | FitNet |" in (out / "report.md").read_text()
+
+
+def test_the_demo_uses_the_settings_the_committed_study_chose_on_validation():
+    from fastfit.study.plan import CHOSEN
+
+    study = json.loads((Path(__file__).resolve().parent.parent / "docs/results/study_fmnist.json").read_text())
+    assert {student: entry["chosen"] for student, entry in study["search"].items()} == CHOSEN
+    for entry in study["search"].values():  # chosen = the best validation top-1 of its grid
+        assert entry["chosen"]["lr"] == max(entry["lr"], key=lambda r: r["top1"])["lr"]
+        assert entry["chosen"]["temperature"] == max(entry["temperature"], key=lambda r: r["top1"])["temperature"]
+        assert all(r["eval_split"] == "val" for r in entry["lr"] + entry["temperature"])

@@ -14,6 +14,8 @@ fastfit.data.samples.
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,26 @@ from fastfit.errors import DataError
 
 _SEED_STRIDE = 1_000_003  # keeps (epoch, index) → seed one-to-one for any dataset below a million samples per epoch
 MAX_SUBSTITUTES = 16  # consecutive undecodable files before skip_bad gives up: a broken folder, not a few files
+# Signals that ask a run to stop: SLURM, `timeout` and `kill -- -PGID` send them to every process of the group.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def init_worker(_worker_id: int) -> None:
+    """DataLoader worker_init_fn: stop signals are the main process's to act on. Torch's worker SIGTERM handler
+    would kill the worker (and with it the run, before its checkpoint) and SIGINT would raise KeyboardInterrupt in it;
+    ignored, the worker keeps serving batches until the main process has saved. Workers still end with the main
+    process: it shuts them down on exit, and a worker whose parent died notices within seconds (torch's watchdog).
+
+    A main process that ends mid-transfer (a bare Ctrl-C) breaks the connection a worker's fd-sharing thread is
+    writing to; that is a consequence the main process already reports, so the thread's traceback is not printed."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    sys.excepthook = _quiet_lost_main  # multiprocessing's resource_sharer thread reports through sys.excepthook
+
+
+def _quiet_lost_main(exc_type, exc, tb) -> None:
+    if not issubclass(exc_type, ConnectionError):
+        sys.__excepthook__(exc_type, exc, tb)
 
 
 def train_transform(cfg: DataConfig) -> v2.Transform:
@@ -164,6 +186,7 @@ class TorchvisionTrainLoader(BadFileLog):
             drop_last=True,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=init_worker,
         )
 
     def epoch(self, epoch: int, start_step: int = 0):
@@ -189,6 +212,7 @@ class TorchvisionValLoader(BadFileLog):
             pin_memory=env.device.type == "cuda",
             drop_last=False,
             persistent_workers=workers > 0,
+            worker_init_fn=init_worker,
         )
 
     def __iter__(self):

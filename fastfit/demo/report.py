@@ -73,6 +73,11 @@ def write_report(out: Path, report: dict[str, Any]) -> str:
         "![top-1 per epoch](accuracy.png)",
         "",
         "Each run's config overrides and full history are in summary.json.",
+        "",
+        "One seed of the study's rows for this student (`fastfit study fmnist`: the same runs over 3 seeds, with the",
+        "learning rate and temperature chosen on a validation split; its table is in the README and",
+        "docs/results/study_fmnist.json). Read a difference between rows here against the study's spread over seeds,",
+        "not as a verdict of its own.",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return table

@@ -1,7 +1,8 @@
 """Fault injection for tests: FASTFIT_INJECT="<fault>@<step>[:rank<r>]" makes a run fail on purpose, so that
 preemption, torchrun restarts and multi-process failures are tested end to end through the real entry points.
 
-<fault>: sigterm / sigusr1 (this process sends itself the signal), sigkill, raise (a RuntimeError), nan (the
+<fault>: sigterm / sigusr1 (this process sends itself the signal), sigkill, sigstop (the process freezes, as an
+unresponsive peer does), raise (a RuntimeError), nan (the
 step's input batch becomes NaN). <step> is the 1-based global step of the run: nan poisons that step's batch, the
 others act right after its optimizer step. Without :rank<r> every rank injects. A torchrun restart
 (TORCHELASTIC_RESTART_COUNT > 0) never injects, so the restarted group runs clean. Unset — the normal case — the
@@ -21,7 +22,7 @@ from fastfit.dist import restart_count
 from fastfit.errors import FastfitError
 
 ENV = "FASTFIT_INJECT"
-_SPEC = re.compile(r"^(sigterm|sigusr1|sigkill|raise|nan)@(\d+)(?::rank(\d+))?$")
+_SPEC = re.compile(r"^(sigterm|sigusr1|sigkill|sigstop|raise|nan)@(\d+)(?::rank(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Fault:
             raise RuntimeError(
                 f"fault injected by {ENV}={os.environ.get(ENV)} at global step {self.step} on rank {rank}"
             )
-        if self.kind in ("sigterm", "sigusr1", "sigkill"):
+        if self.kind in ("sigterm", "sigusr1", "sigkill", "sigstop"):
             os.kill(os.getpid(), getattr(signal, self.kind.upper()))
 
 
@@ -49,7 +50,7 @@ def fault_from_env(rank: int) -> Fault | None:
     if match is None:
         raise FastfitError(
             f"{ENV}={spec!r} is not <fault>@<step>[:rank<r>] with fault sigterm, sigusr1, sigkill, "
-            f"raise or nan (e.g. sigterm@5:rank1); unset {ENV} for a normal run"
+            f"sigstop, raise or nan (e.g. sigterm@5:rank1); unset {ENV} for a normal run"
         )
     kind, step, only_rank = match.group(1), int(match.group(2)), match.group(3)
     if restart_count() > 0 or (only_rank is not None and int(only_rank) != rank):

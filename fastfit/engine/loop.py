@@ -19,7 +19,16 @@ import time
 from typing import Any
 
 from fastfit.config import Config
-from fastfit.dist import cleanup_distributed, control_barrier, is_peer_failure, restart_count, setup_distributed
+from fastfit.dist import (
+    DistEnv,
+    cleanup_distributed,
+    control_barrier,
+    is_peer_failure,
+    is_peer_timeout,
+    restart_count,
+    setup_distributed,
+    unresponsive_ranks,
+)
 from fastfit.engine import checkpoint as ckpt
 from fastfit.engine.evaluate import evaluate
 from fastfit.engine.lineage import continue_lineage
@@ -28,7 +37,7 @@ from fastfit.engine.run_lock import RunFolderLock
 from fastfit.engine.run_state import Position, Run
 from fastfit.engine.setup import restore, setup_run, start_fresh, write_config
 from fastfit.engine.stage_runner import StageRunner
-from fastfit.errors import PeerFailure, Preempted
+from fastfit.errors import PeerFailure, PeerUnresponsive, Preempted
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +61,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         NonFiniteError: a loss became NaN/Inf under run.nonfinite = "stop".
         PeerFailure: this rank stopped because another process of the run failed first.
     """
-    env = setup_distributed(cfg.run.device)
+    env = setup_distributed(cfg.run.device, cfg.run.collective_timeout_s)
     graceful = False
     # One live run per folder: rank 0 writes it, so its lock is the run's (released by the kernel if it dies).
     lock = RunFolderLock(cfg.run.output_dir) if env.is_main else None
@@ -81,6 +90,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         graceful = True  # every rank stopped at the same step, past the same barrier
         raise
     except Exception as err:
+        if env.distributed and is_peer_timeout(err):
+            raise _unresponsive(env, cfg.run.collective_timeout_s) from err
         if env.distributed and is_peer_failure(err):
             # Give the launcher time to see the process that failed first (its error is the root cause to report);
             # torchrun stops this one meanwhile. Our signal handlers are already restored, so that ends it at once.
@@ -94,6 +105,28 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         if lock is not None:
             lock.release()
         cleanup_distributed(graceful)
+
+
+def _unresponsive(env: DistEnv, timeout_s: float) -> PeerUnresponsive:
+    """The error for a collective that timed out, naming the ranks that did not answer the roll call after it."""
+    missing = unresponsive_ranks(env, wait_s=min(timeout_s, 5.0))  # ranks in the same collective time out together
+    waited = f"rank {env.rank} waited {timeout_s:g} s (run.collective_timeout_s) in a collective"
+    if missing is None:
+        return PeerUnresponsive(
+            f"{waited} and the rendezvous store did not answer either: the process hosting it (rank 0, unless "
+            "torchrun's agent hosts it) has stopped responding; inspect it (e.g. py-spy dump --pid PID)"
+        )
+    if not missing:
+        return PeerUnresponsive(
+            f"{waited} that every rank answered a roll call after: the ranks waited in different collectives; "
+            "report this with every rank's log"
+        )
+    ranks = ("rank " if len(missing) == 1 else "ranks ") + ", ".join(map(str, missing))
+    return PeerUnresponsive(
+        f"{ranks} stopped responding: {waited} that it never joined; it is stopped, hung or far slower than the "
+        f"others — inspect it (e.g. py-spy dump --pid PID), or raise run.collective_timeout_s if its steps, "
+        "evaluations or checkpoint writes are just that slow"
+    )
 
 
 def fit(run: Run) -> dict[str, Any]:

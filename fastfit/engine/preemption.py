@@ -1,5 +1,5 @@
-"""Stopping a run cleanly. Preemption: SIGTERM / SIGUSR1 end a run — the step finishes, a checkpoint is written,
-the process exits with code 75.
+"""Stopping a run cleanly. Preemption: SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) end a run — the step finishes, a
+checkpoint is written, the process exits with code 75.
 
 The handler only records the request: Python runs it between bytecodes of the main thread, where doing I/O or a
 collective could deadlock. The training loop asks `StopAgreement` at every step end whether *any* rank was asked
@@ -13,11 +13,15 @@ between the signal and the checkpoint; a scheduler's grace period is tens of sec
 (epoch ends, checkpoints, log intervals) use the blocking `agree`, which also carries the non-finite loss counts.
 
 A repeated signal is ignored rather than treated as "force": under SLURM and torchrun a worker often receives the
-same SIGTERM twice (from the scheduler and forwarded by the agent), and the second must not kill the checkpoint.
+same SIGTERM twice (from the scheduler and forwarded by the agent), a Ctrl-C in a terminal reaches torchrun and every
+worker, and the second signal must not lose the checkpoint. The first repeat says once how to abandon the stop
+(SIGKILL). DataLoader workers ignore these signals (fastfit.data), so they serve batches until the checkpoint is
+written.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Sequence
@@ -50,11 +54,20 @@ class StopSignals:
     def __init__(self, names: Sequence[str] = ()) -> None:
         self.signals = parse_signals(names)
         self.requested: str | None = None
+        self._told_repeat = False
         self._previous: dict[signal.Signals, object] = {}
 
     def request(self, name: str) -> None:
         if self.requested is None:
             self.requested = name
+        elif not self._told_repeat:
+            self._told_repeat = True
+            # os.write, not logging: a handler can run in the middle of a logging call holding its lock.
+            os.write(
+                2,
+                f"fastfit: {name} received while stopping for {self.requested}: the step finishes and the checkpoint "
+                "is written first; SIGKILL (kill -9) abandons it\n".encode(),
+            )
 
     def _handle(self, signum, _frame) -> None:
         self.request(signal.Signals(signum).name)

@@ -51,6 +51,9 @@ BUDGETS = {
     # For a GPU: all 50,000 training images and the demo configs' 15 epochs.
     "full": Budget(0, 15, 0, 15, 2, 256, (0.02, 0.05, 0.1), (2.0, 3.0, 4.0)),
 }
+# What the study's search chose on its validation split (docs/results/study_fmnist.json, "search"; a test keeps the
+# two equal). The demo trains with these.
+CHOSEN = {"thin-bn": {"lr": 0.05, "temperature": 4.0}, "deep-nobn": {"lr": 0.004, "temperature": 4.0}}
 LR_DEEP_SCALE = 0.2  # the no-BN student's grid: plain deep ReLU stacks need smaller steps (0.1 diverges)
 
 

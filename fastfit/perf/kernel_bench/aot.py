@@ -127,9 +127,9 @@ def _hint_calls(n, cs, ct, h, w, dtype):
     bias, gamma, beta = (torch.empty(ct, **meta) for _ in range(3))
     mean, gram = feature_moments(student)
     args = (student, teacher, weight, bias, gamma, beta, mean, gram, None, None)
-    _, mean_a, var_a, wg, sums = hl._forward(*args, 1e-5, hl.BATCH_STATS, True, "normalized_l2")
+    _, chan, wg, sums = hl._forward(*args, 1e-5, hl.BATCH_STATS, True, "normalized_l2")
     config = (1e-5, hl.BATCH_STATS, True, "normalized_l2", True, True, True, True)
-    hl._backward_grads(torch.empty((), **meta), *args, mean_a, var_a, wg, sums, *config)
+    hl._backward_grads(torch.empty((), **meta), *args, chan, wg, sums, *config)
 
 
 def _kd_calls(n, c, dtype):

@@ -1,0 +1,231 @@
+"""The hint loss's per-channel math in one launch: BatchNorm statistics of the regressor output and the folded affine.
+
+For each regressor channel c (see hint_loss.py for the math) one program row computes
+    mean_A = w_c·μ,  var_A = max((W·Gc)_c·w_c / M, 0)                       (batch statistics only)
+    (a, e, center, r): P = A·a + e and x̂ = (A − center)·r
+and writes them as rows of one (6, Ct) fp32 tensor: a, e, center, r, mean_A, var_A. The forward reads a and e, the
+backward a, center and r, the running-stat update mean_A and var_A; nothing recomputes them with small torch ops.
+After the backward's dP pass a second kernel reduces its column partial sums into the BatchNorm and bias gradients
+and the batch-statistics coefficients (c1, a·Σ dP), and writes Wa = diag(a)·W for the dX GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .hint_loss_common import INTERPRET
+from .rounding import cast
+
+NO_BN, BATCH_STATS, RUNNING_STATS = 0, 1, 2  # = hint_loss's modes: how BatchNorm normalizes
+CHANNEL_ROWS = 6  # a, e, center, r, mean_A, var_A
+CHANNEL_BLOCK = 32 if INTERPRET else 128  # channels per program
+CHANNEL_BLOCK_CS = 32 if INTERPRET else 64  # student channels per step of the batch-statistics dot products
+
+
+@triton.jit
+def _hint_channel_affine_kernel(
+    w_ptr,  # (Ct, Cs) regressor weight in the feature dtype, row-major (the GEMM operand)
+    mean_ptr,  # (Cs,) fp32 column mean μ of X (batch statistics)
+    wg_ptr,  # (Ct, Cs) fp32 W·Gc, row-major (batch statistics)
+    bias_ptr,  # (Ct,) conv bias, any float dtype (HAS_BIAS)
+    gamma_ptr,  # (Ct,) BatchNorm γ (HAS_AFFINE)
+    beta_ptr,  # (Ct,) BatchNorm β (HAS_AFFINE)
+    rmean_ptr,  # (Ct,) running mean (running statistics)
+    rvar_ptr,  # (Ct,) running variance (running statistics)
+    out_ptr,  # (6, Ct) fp32 out: a, e, center, r, mean_A, var_A
+    CT,  # regressor output channels
+    CS,  # student channels
+    inv_m,  # 1 / M, M = N·H·W rows
+    eps,  # BatchNorm's ε
+    MODE: tl.constexpr,  # NO_BN 0, BATCH_STATS 1, RUNNING_STATS 2
+    HAS_BIAS: tl.constexpr,  # a conv bias is given
+    HAS_AFFINE: tl.constexpr,  # BatchNorm has γ and β
+    BLOCK_C: tl.constexpr,  # channels per program
+    BLOCK_CS: tl.constexpr,  # student channels per step (batch statistics)
+):
+    # Reads W and W·Gc once (batch statistics: 2·Ct·Cs multiply-adds), a few (Ct,) vectors; writes 6·Ct fp32.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < CT
+    zero = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    b = zero
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    mean_a = zero
+    var_a = zero
+    if MODE == 0:
+        scale = zero + 1.0
+        shift = b
+        center = zero
+        rstd = zero + 1.0
+    else:
+        if MODE == 1:
+            for k0 in range(0, CS, BLOCK_CS):
+                ks = k0 + tl.arange(0, BLOCK_CS)
+                m2 = ok[:, None] & (ks < CS)[None, :]
+                w = tl.load(w_ptr + cols[:, None] * CS + ks[None, :], mask=m2, other=0.0).to(tl.float32)
+                mu = tl.load(mean_ptr + ks, mask=ks < CS, other=0.0)
+                wg = tl.load(wg_ptr + cols[:, None] * CS + ks[None, :], mask=m2, other=0.0)
+                mean_a += tl.sum(w * mu[None, :], axis=1)
+                var_a += tl.sum(wg * w, axis=1)
+            var_a = tl.maximum(var_a * inv_m, 0.0)
+            rstd = 1.0 / tl.sqrt_rn(var_a + eps)
+            center = mean_a
+        else:
+            rvar = tl.load(rvar_ptr + cols, mask=ok, other=1.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt_rn(rvar + eps)
+            center = tl.load(rmean_ptr + cols, mask=ok, other=0.0).to(tl.float32) - b
+        scale = rstd
+        beta = zero
+        if HAS_AFFINE:
+            scale = rstd * tl.load(gamma_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+            beta = tl.load(beta_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        shift = beta - center * scale
+    tl.store(out_ptr + cols, scale, mask=ok)
+    tl.store(out_ptr + CT + cols, shift, mask=ok)
+    tl.store(out_ptr + 2 * CT + cols, center, mask=ok)
+    tl.store(out_ptr + 3 * CT + cols, rstd, mask=ok)
+    tl.store(out_ptr + 4 * CT + cols, mean_a, mask=ok)
+    tl.store(out_ptr + 5 * CT + cols, var_a, mask=ok)
+
+
+def channel_affine(
+    mode: int,
+    weight_lp: Tensor,
+    feature_mean: Tensor | None,
+    wg: Tensor | None,
+    m: int,
+    bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """(6, Ct) fp32 rows a, e, center, r, mean_A, var_A (the last two zero unless batch statistics)."""
+    ct, cs = weight_lp.shape
+    out = torch.empty((CHANNEL_ROWS, ct), device=weight_lp.device, dtype=torch.float32)
+    if mode == BATCH_STATS and not weight_lp.is_contiguous():
+        weight_lp = weight_lp.contiguous()
+    unused = out  # pointers a mode never reads (their loads compile away)
+    _hint_channel_affine_kernel[(triton.cdiv(ct, CHANNEL_BLOCK),)](
+        weight_lp,
+        feature_mean if feature_mean is not None else unused,
+        wg if wg is not None else unused,
+        bias if bias is not None else unused,
+        bn_weight if bn_weight is not None else unused,
+        bn_bias if bn_bias is not None else unused,
+        running_mean if running_mean is not None else unused,
+        running_var if running_var is not None else unused,
+        out,
+        ct,
+        cs,
+        1.0 / m,
+        eps,
+        MODE=mode,
+        HAS_BIAS=bias is not None,
+        HAS_AFFINE=bn_weight is not None,
+        BLOCK_C=CHANNEL_BLOCK,
+        BLOCK_CS=CHANNEL_BLOCK_CS,
+        num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _hint_channel_grads_kernel(
+    part_ptr,  # (2, R, Ct) fp32 column partial sums of the dP pass: Σ dP and Σ dP·(A − center) per row block
+    chan_ptr,  # (6, Ct) fp32 per-channel rows of the forward: a, e, center, r, mean_A, var_A
+    w_ptr,  # (Ct, Cs) regressor weight in the feature dtype, row-major
+    coef_ptr,  # (2, Ct) fp32 out: c1, a·Σ dP (the batch-statistics corrections of dX and dW)
+    dbeta_ptr,  # (Ct,) out: dβ = Σ dP, in its own dtype
+    dgamma_ptr,  # (Ct,) out: dγ = r·Σ dP·(A − center)
+    dbias_ptr,  # (Ct,) out: the conv bias gradient
+    wa_ptr,  # (Ct, Cs) out: Wa = diag(a)·W in the grad dtype, row-major
+    R,  # row blocks of the partial sums
+    CT,  # regressor output channels
+    CS,  # student channels
+    inv_m,  # 1 / M
+    MODE: tl.constexpr,  # NO_BN 0, BATCH_STATS 1, RUNNING_STATS 2
+    SUMS: tl.constexpr,  # the partial sums exist (BatchNorm or bias gradients wanted)
+    EMULATE: tl.constexpr,  # interpreter: round to the grad dtype as the GPU does
+    BLOCK_C: tl.constexpr,  # channels per program
+    BLOCK_CS: tl.constexpr,  # student channels per step
+):
+    # Reads 2·R·Ct partials, W; writes 5·Ct values and Wa. With batch statistics
+    #   c1 = −a·r²·Σ dP·(A − mean_A)/M   (dY's term along A − mean_A, see hint_loss.py)
+    # and the bias gradient is 0; otherwise it is Σ dP (no BatchNorm) or a·Σ dP (running statistics).
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < CT
+    scale = tl.load(chan_ptr + cols, mask=ok, other=0.0)
+    if SUMS:
+        sum_d = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        sum_dx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for r in range(0, R):
+            sum_d += tl.load(part_ptr + r * CT + cols, mask=ok, other=0.0)
+            sum_dx += tl.load(part_ptr + (R + r) * CT + cols, mask=ok, other=0.0)
+        rstd = tl.load(chan_ptr + 3 * CT + cols, mask=ok, other=0.0)
+        c1 = -scale * rstd * rstd * sum_dx * inv_m
+        if MODE == 1:
+            d_bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        elif MODE == 0:
+            d_bias = sum_d
+        else:
+            d_bias = scale * sum_d
+        tl.store(coef_ptr + cols, c1, mask=ok)
+        tl.store(coef_ptr + CT + cols, scale * sum_d, mask=ok)
+        tl.store(dbeta_ptr + cols, cast(sum_d, dbeta_ptr.dtype.element_ty, EMULATE), mask=ok)
+        tl.store(dgamma_ptr + cols, cast(rstd * sum_dx, dgamma_ptr.dtype.element_ty, EMULATE), mask=ok)
+        tl.store(dbias_ptr + cols, cast(d_bias, dbias_ptr.dtype.element_ty, EMULATE), mask=ok)
+    for k0 in range(0, CS, BLOCK_CS):
+        ks = k0 + tl.arange(0, BLOCK_CS)
+        m2 = ok[:, None] & (ks < CS)[None, :]
+        w = tl.load(w_ptr + cols[:, None] * CS + ks[None, :], mask=m2, other=0.0).to(tl.float32)
+        tl.store(
+            wa_ptr + cols[:, None] * CS + ks[None, :],
+            cast(scale[:, None] * w, wa_ptr.dtype.element_ty, EMULATE),
+            mask=m2,
+        )
+
+
+def channel_grads(
+    mode: int,
+    part: Tensor | None,
+    chan: Tensor,
+    weight_lp: Tensor,
+    m: int,
+    grad_dtype: torch.dtype,
+    param_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(coef (2, Ct) fp32 rows c1 and a·Σ dP, dβ, dγ, bias gradient, Wa = diag(a)·W in grad_dtype) from the dP pass's
+    column partial sums `part` (2, R, Ct); without `part` only Wa is defined. param_dtypes: dβ's, dγ's and the bias
+    gradient's dtypes (each a separate tensor: the op's outputs may not alias)."""
+    ct, cs = weight_lp.shape
+    weight_lp = weight_lp.contiguous()
+    device = chan.device
+    coef = torch.empty((2, ct), device=device, dtype=torch.float32)
+    d_beta, d_gamma, d_bias = (torch.empty((ct,), device=device, dtype=d) for d in param_dtypes)
+    wa = torch.empty((ct, cs), device=device, dtype=grad_dtype)
+    _hint_channel_grads_kernel[(triton.cdiv(ct, CHANNEL_BLOCK),)](
+        part if part is not None else coef,
+        chan,
+        weight_lp,
+        coef,
+        d_beta,
+        d_gamma,
+        d_bias,
+        wa,
+        part.shape[1] if part is not None else 0,
+        ct,
+        cs,
+        1.0 / m,
+        MODE=mode,
+        SUMS=part is not None,
+        EMULATE=INTERPRET,
+        BLOCK_C=CHANNEL_BLOCK,
+        BLOCK_CS=CHANNEL_BLOCK_CS,
+        num_warps=4,
+    )
+    return coef, d_beta, d_gamma, d_bias, wa
