@@ -147,7 +147,7 @@ def _kd_objective_fwd_op(
 def _(s, t, labels, kd_weight, ce_weight, temperature, reduction, tau_squared, form, label_smoothing, emit_grad):
     scalar = lambda: s.new_empty((), dtype=torch.float32)  # noqa: E731
     stats = s.new_empty((s.shape[0], STATS), dtype=torch.float32)
-    grad = s.new_empty(tuple(s.shape) if emit_grad else (0,), memory_format=torch.contiguous_format)
+    grad = s.new_empty(tuple(s.shape) if emit_grad else (0,))  # new_empty: contiguous
     return scalar(), scalar(), scalar(), scalar(), stats, grad
 
 
