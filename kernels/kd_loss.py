@@ -43,6 +43,9 @@ def _kd_loss_fwd_kernel(
     kd_ptr,  # () fp32 out: kd
     ce_ptr,  # () fp32 out: ce (0 without labels)
     n_valid_ptr,  # () fp32 out: the number of rows whose label is not ignored
+    kd_weight_ptr,  # () fp32: the objective's weight of kd (OBJECTIVE; else a placeholder)
+    obj_ptr,  # () fp32 out: kd_weight·kd + ce_weight·ce (OBJECTIVE; else a placeholder)
+    grad_ptr,  # (N, C) out, row-major, the logits' dtype: d(objective)/ds (EMIT_GRAD; else a placeholder)
     N,  # rows
     C_VEC,  # classes / VEC (so the compiler knows C is a multiple of VEC)
     s_stride_vec,  # student row stride / VEC
@@ -51,12 +54,16 @@ def _kd_loss_fwd_kernel(
     inv_tau,  # 1 / temperature
     eps,  # label smoothing ε
     kd_scale,  # [τ²] / {N | N·C | 1}: turns Σ kd_row into kd
+    ce_weight,  # the objective's weight of ce (a Python float)
     VEC: tl.constexpr,  # the largest of 8, 4, 2, 1 dividing C and both row strides: aligned vector loads
     ROWS: tl.constexpr,  # rows per program
     BLOCK_C: tl.constexpr,  # classes per step of the sweep
+    ONE_BLOCK: tl.constexpr,  # BLOCK_C ≥ C: a row is one tile, loaded once and kept in registers
     KL: tl.constexpr,  # "kl" form (else the paper's cross-entropy form)
     HAS_LABELS: tl.constexpr,  # also the student's cross-entropy on labels
-    EMULATE: tl.constexpr,  # unused here; kept so both KD kernels take the same precision switch
+    OBJECTIVE: tl.constexpr,  # also write the weighted objective (fused_kd_objective)
+    EMIT_GRAD: tl.constexpr,  # also write d(objective)/ds for an upstream gradient of 1 and no ignored label
+    EMULATE: tl.constexpr,  # interpreter: round the bf16 gradient store to nearest even, as the GPU does
 ):
     # ROWS rows per program. a = s/τ, b = t/τ, P_S = softmax(a), P_T = softmax(b); m = running max, d = Σ exp(x − m):
     #   kl      = Σ P_T (log P_T − log P_S) = Σ P_T ((b − m_b) − (a − m_a)) + log d_a − log d_b
@@ -64,12 +71,17 @@ def _kd_loss_fwd_kernel(
     #   d(kd_row)/ds = (P_S − P_T) / τ for both forms (Σ P_T = 1); kd = kd_scale · Σ rows, kd_scale = [τ²]/{N|N·C|1}
     #   ce_row = log d_1 + (1−ε)(m_s − s_y) + ε(m_s − mean_c s)   (τ = 1: F.cross_entropy with label_smoothing ε)
     # Online (streaming) max/sum in fp32 for the student at τ and at 1 and the teacher at τ, in one sweep over C.
-    # Traffic, with Ce = N·C·element_size: forward reads s and t once (2Ce) and writes 20 B of statistics per row;
-    # backward (_kd_loss_bwd_kernel) reads s and t again and writes grad_s: 3Ce. fwd+bwd 5Ce, labels or not.
-    # Why recompute: kd and ce have independent grad_outputs, so no single gradient can be stored by the forward.
-    # Storing P_S − P_T (Ce) and re-reading s for ce's part costs 6Ce; storing both parts 7Ce. With the gradient
-    # scales known only in backward, 5Ce is the least any split of the work moves (the backward needs two
-    # N × C quantities and must write one). The teacher logits stay alive until backward (the trainer keeps them).
+    # Traffic, with Ce = N·C·element_size:
+    # fused_kd_loss (two outputs, independent grad_outputs): forward reads s and t (2Ce) and writes 20 B of
+    #   statistics per row; backward (_kd_loss_bwd_kernel) reads s and t again and writes grad_s: 5Ce in all. With
+    #   the gradient scales known only in backward, 5Ce is the least: the backward needs two N × C quantities
+    #   (storing P_S − P_T and re-reading s costs 6Ce; storing both parts 7Ce).
+    # fused_kd_objective (one output, objective = kd_weight·kd + ce_weight·ce, kd_weight read on the device):
+    #   EMIT_GRAD writes G = d(objective)/ds in this same pass, betting on an upstream gradient of exactly 1 and no
+    #   ignored label (ce's mean over N) — what loss.backward() of a plain sum gives without GradScaler. For
+    #   C ≤ MAX_ONE_BLOCK_C the tile stays in registers: 2Ce read + Ce written. The backward (kd_objective.py) reads
+    #   the upstream gradient and the valid count and returns at once when the bet holds (3Ce in all); otherwise it
+    #   recomputes G from s and t in place (6Ce). G lives from forward to backward, as do s and t.
     # Reduction: each program writes its partial sums, takes a ticket, and the last program sums the partials in
     # program order: deterministic, in this one launch (the ticket counter is zeroed by a memset before it).
     pid = tl.program_id(0)
@@ -87,33 +99,22 @@ def _kd_loss_fwd_kernel(
     acc = tl.zeros((ROWS,), tl.float32)
     d_1 = tl.zeros((ROWS,), tl.float32)
     sum_s = tl.zeros((ROWS,), tl.float32)
-    for start in range(0, C, BLOCK_C):
-        offs = start + cols
-        mask = row_ok[:, None] & (offs < C)[None, :]
-        s = tl.where(mask, tl.load(s_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32), NEG)
-        t = tl.where(mask, tl.load(t_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32), NEG)
-        # Maxima stay on the raw logits (max(s/τ) = max(s)/τ) and τ scales differences, (s − m)·(1/τ): the terms
-        # near the maximum, the ones that matter, then carry the rounding of a small number, not of |s|/τ.
-        m_s_new = tl.maximum(m_s, tl.max(s, 1))
-        m_t_new = tl.maximum(m_t, tl.max(t, 1))
-        alpha_a = tl.exp((m_s - m_s_new) * inv_tau)
-        alpha_b = tl.exp((m_t - m_t_new) * inv_tau)
-        e_a = tl.where(mask, tl.exp((s - m_s_new[:, None]) * inv_tau), 0.0)
-        e_b = tl.where(mask, tl.exp((t - m_t_new[:, None]) * inv_tau), 0.0)
-        # acc = Σ e_b·q, q centred on the running maxima (re-centred by `shift` when they move): no large terms cancel.
-        q = (m_s_new[:, None] - s) * inv_tau
-        shift = (m_s_new - m_s) * inv_tau
-        if KL:
-            q += (t - m_t_new[:, None]) * inv_tau
-            shift += (m_t - m_t_new) * inv_tau
-        acc = alpha_b * (acc + tl.where(d_b > 0, d_b * shift, 0.0)) + tl.sum(tl.where(mask, e_b * q, 0.0), 1)
-        d_a = d_a * alpha_a + tl.sum(e_a, 1)
-        d_b = d_b * alpha_b + tl.sum(e_b, 1)
-        if HAS_LABELS:
-            e_1 = tl.where(mask, tl.exp(s - m_s_new[:, None]), 0.0)
-            d_1 = d_1 * tl.exp(m_s - m_s_new) + tl.sum(e_1, 1)
-            sum_s += tl.sum(tl.where(mask, s, 0.0), 1)
-        m_s, m_t = m_s_new, m_t_new
+    if ONE_BLOCK:
+        mask = row_ok[:, None] & (cols < C)[None, :]
+        s = tl.where(mask, tl.load(s_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32), NEG)
+        t = tl.where(mask, tl.load(t_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32), NEG)
+        m_s, m_t, d_a, d_b, acc, d_1, sum_s, e_a, e_b, e_1 = _sweep_tile(
+            s, t, mask, m_s, m_t, d_a, d_b, acc, d_1, sum_s, inv_tau, KL, HAS_LABELS
+        )
+    else:
+        for start in range(0, C, BLOCK_C):
+            offs = start + cols
+            mask = row_ok[:, None] & (offs < C)[None, :]
+            s = tl.where(mask, tl.load(s_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32), NEG)
+            t = tl.where(mask, tl.load(t_rows + offs[None, :], mask=mask, other=0.0).to(tl.float32), NEG)
+            m_s, m_t, d_a, d_b, acc, d_1, sum_s, _e_a, _e_b, _e_1 = _sweep_tile(
+                s, t, mask, m_s, m_t, d_a, d_b, acc, d_1, sum_s, inv_tau, KL, HAS_LABELS
+            )
     # Rows past N saw only masked lanes: give them d = 1 so that nothing below takes log(0) or divides by 0.
     d_a, d_b, d_1 = tl.where(row_ok, d_a, 1.0), tl.where(row_ok, d_b, 1.0), tl.where(row_ok, d_1, 1.0)
     log_d_a, log_d_b = tl.log(d_a), tl.log(d_b)
@@ -127,6 +128,9 @@ def _kd_loss_fwd_kernel(
     tl.store(stats + 3, log_d_b, mask=row_ok)
     ce_sum = 0.0
     valid_sum = 0.0
+    y = tl.zeros((ROWS,), tl.int64)
+    valid = row_ok
+    log_d_1 = tl.zeros((ROWS,), tl.float32)
     if HAS_LABELS:
         y = tl.load(y_ptr + rows64 * y_stride, mask=row_ok, other=IGNORE_INDEX)
         valid = y != IGNORE_INDEX
@@ -137,19 +141,72 @@ def _kd_loss_fwd_kernel(
         # An out-of-range label cannot raise without a host sync: it turns ce (and its gradient row) into NaN.
         ce_sum = tl.sum(tl.where(valid, tl.where(in_range, ce_row, NAN), 0.0), 0)
         valid_sum = tl.sum(tl.where(valid, 1.0, 0.0), 0)
-        tl.store(stats + 4, tl.where(in_range | ~valid, log_d_1, NAN), mask=row_ok)
+        log_d_1 = tl.where(in_range | ~valid, log_d_1, NAN)
+        tl.store(stats + 4, log_d_1, mask=row_ok)
+    if EMIT_GRAD:
+        # Upstream gradient 1 and no ignored label: the scales are kd_weight·kd_scale/τ and ce_weight/N.
+        g_kd = tl.load(kd_weight_ptr) * kd_scale * inv_tau
+        row_scale = tl.where(valid, ce_weight / N, 0.0)
+        if ONE_BLOCK:
+            # From the tile in registers: e/d is the softmax (the maxima are final after one tile).
+            g = g_kd * (e_a * (1.0 / d_a)[:, None] - e_b * (1.0 / d_b)[:, None])
+            if HAS_LABELS:
+                target = tl.where(cols[None, :] == y[:, None], 1.0 - eps, 0.0) + eps / C
+                inv_d_1 = tl.where(log_d_1 == log_d_1, 1.0 / d_1, NAN)  # NaN for an out-of-range label
+                g += row_scale[:, None] * (e_1 * inv_d_1[:, None] - target)
+            out = grad_ptr + rows64[:, None] * C + cols[None, :]
+            tl.store(out, cast(g, grad_ptr.dtype.element_ty, EMULATE), mask=mask)
+        else:
+            _grad_rows(
+                s_ptr, t_ptr, grad_ptr, rows64, row_ok, y, m_s, log_d_a, m_t, log_d_b, log_d_1, g_kd, row_scale,
+                C, s_stride_vec * VEC, t_stride_vec * VEC, inv_tau, eps, BLOCK_C, HAS_LABELS, EMULATE,
+            )  # fmt: skip
     tl.store(part_ptr + pid * 3, tl.sum(tl.where(row_ok, kd_row, 0.0), 0))
     tl.store(part_ptr + pid * 3 + 1, ce_sum)
     tl.store(part_ptr + pid * 3 + 2, valid_sum)
     # acq_rel: this program's partials are visible before its ticket; the last program sees every partial.
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == tl.num_programs(0) - 1:
-        _sum_partials(part_ptr, kd_ptr, ce_ptr, n_valid_ptr, tl.num_programs(0), kd_scale, HAS_LABELS)
+        _sum_partials(
+            part_ptr, kd_ptr, ce_ptr, n_valid_ptr, kd_weight_ptr, obj_ptr, tl.num_programs(0), kd_scale, ce_weight,
+            HAS_LABELS, OBJECTIVE,
+        )  # fmt: skip
         tl.store(ticket_ptr, 0)
 
 
 @triton.jit
-def _sum_partials(part_ptr, kd_ptr, ce_ptr, n_valid_ptr, programs, kd_scale, HAS_LABELS: tl.constexpr):
+def _sweep_tile(s, t, mask, m_s, m_t, d_a, d_b, acc, d_1, sum_s, inv_tau, KL: tl.constexpr, HAS_LABELS: tl.constexpr):
+    # One tile of the online sweep; also returns the tile's exponentials (the softmax numerators after one tile).
+    # Maxima stay on the raw logits (max(s/τ) = max(s)/τ) and τ scales differences, (s − m)·(1/τ): the terms
+    # near the maximum, the ones that matter, then carry the rounding of a small number, not of |s|/τ.
+    m_s_new = tl.maximum(m_s, tl.max(s, 1))
+    m_t_new = tl.maximum(m_t, tl.max(t, 1))
+    alpha_a = tl.exp((m_s - m_s_new) * inv_tau)
+    alpha_b = tl.exp((m_t - m_t_new) * inv_tau)
+    e_a = tl.where(mask, tl.exp((s - m_s_new[:, None]) * inv_tau), 0.0)
+    e_b = tl.where(mask, tl.exp((t - m_t_new[:, None]) * inv_tau), 0.0)
+    # acc = Σ e_b·q, q centred on the running maxima (re-centred by `shift` when they move): no large terms cancel.
+    q = (m_s_new[:, None] - s) * inv_tau
+    shift = (m_s_new - m_s) * inv_tau
+    if KL:
+        q += (t - m_t_new[:, None]) * inv_tau
+        shift += (m_t - m_t_new) * inv_tau
+    acc = alpha_b * (acc + tl.where(d_b > 0, d_b * shift, 0.0)) + tl.sum(tl.where(mask, e_b * q, 0.0), 1)
+    d_a = d_a * alpha_a + tl.sum(e_a, 1)
+    d_b = d_b * alpha_b + tl.sum(e_b, 1)
+    e_1 = e_a
+    if HAS_LABELS:
+        e_1 = tl.where(mask, tl.exp(s - m_s_new[:, None]), 0.0)
+        d_1 = d_1 * tl.exp(m_s - m_s_new) + tl.sum(e_1, 1)
+        sum_s += tl.sum(tl.where(mask, s, 0.0), 1)
+    return m_s_new, m_t_new, d_a, d_b, acc, d_1, sum_s, e_a, e_b, e_1
+
+
+@triton.jit
+def _sum_partials(
+    part_ptr, kd_ptr, ce_ptr, n_valid_ptr, kd_weight_ptr, obj_ptr, programs, kd_scale, ce_weight,
+    HAS_LABELS: tl.constexpr, OBJECTIVE: tl.constexpr,
+):  # fmt: skip
     # The second level of the reduction, in program order (deterministic): reads 12 B per program.
     idx = tl.arange(0, PARTIALS_BLOCK)
     kd = tl.zeros((PARTIALS_BLOCK,), tl.float32)
@@ -161,13 +218,58 @@ def _sum_partials(part_ptr, kd_ptr, ce_ptr, n_valid_ptr, programs, kd_scale, HAS
         kd += tl.load(part_ptr + p * 3, mask=ok, other=0.0, volatile=True)
         ce += tl.load(part_ptr + p * 3 + 1, mask=ok, other=0.0, volatile=True)
         n_valid += tl.load(part_ptr + p * 3 + 2, mask=ok, other=0.0, volatile=True)
-    tl.store(kd_ptr, tl.sum(kd, 0) * kd_scale)
+    kd_value = tl.sum(kd, 0) * kd_scale
+    tl.store(kd_ptr, kd_value)
     count = tl.sum(n_valid, 0)
     tl.store(n_valid_ptr, count)
     if HAS_LABELS:
-        tl.store(ce_ptr, tl.sum(ce, 0) / count)  # all rows ignored: 0/0 = NaN, as F.cross_entropy
+        ce_value = tl.sum(ce, 0) / count  # all rows ignored: 0/0 = NaN, as F.cross_entropy
+        tl.store(ce_ptr, ce_value)
+        if OBJECTIVE:
+            tl.store(obj_ptr, tl.load(kd_weight_ptr) * kd_value + ce_weight * ce_value)
     else:
         tl.store(ce_ptr, 0.0)  # a defined value in the unused output
+        if OBJECTIVE:
+            tl.store(obj_ptr, tl.load(kd_weight_ptr) * kd_value)
+
+
+@triton.jit
+def _load_row_stats(stats_ptr, rows64, row_ok, HAS_LABELS: tl.constexpr):
+    """The forward's (max, log Σ exp) per row: student at τ, teacher at τ, student at 1 (0 without labels)."""
+    stats = stats_ptr + rows64 * 5
+    m_s = tl.load(stats, mask=row_ok, other=0.0)
+    log_d_a = tl.load(stats + 1, mask=row_ok, other=0.0)
+    m_t = tl.load(stats + 2, mask=row_ok, other=0.0)
+    log_d_b = tl.load(stats + 3, mask=row_ok, other=0.0)
+    log_d_1 = tl.zeros_like(m_s)
+    if HAS_LABELS:
+        log_d_1 = tl.load(stats + 4, mask=row_ok, other=0.0)
+    return m_s, log_d_a, m_t, log_d_b, log_d_1
+
+
+@triton.jit
+def _grad_rows(
+    s_ptr, t_ptr, out_ptr, rows64, row_ok, y, m_s, log_d_a, m_t, log_d_b, log_d_1, g_kd, row_scale,
+    C, s_stride, t_stride, inv_tau, eps, BLOCK_C: tl.constexpr, HAS_LABELS: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    # grad_s = g_kd · (P_S − P_T) + row_scale · (softmax(s) − (1−ε)·onehot(y) − ε/C), every softmax rebuilt from
+    # the row statistics. Reads s, t (2Ce), writes grad_s (Ce), row-major.
+    cols = tl.arange(0, BLOCK_C)
+    for start in range(0, C, BLOCK_C):
+        offs = start + cols
+        mask = row_ok[:, None] & (offs < C)[None, :]
+        s = tl.load(s_ptr + rows64[:, None] * s_stride + offs[None, :], mask=mask, other=0.0)
+        t = tl.load(t_ptr + rows64[:, None] * t_stride + offs[None, :], mask=mask, other=0.0)
+        s = tl.where(mask, s.to(tl.float32), m_s[:, None])  # masked lanes at the maximum: exp() stays finite
+        t = tl.where(mask, t.to(tl.float32), m_t[:, None])
+        p_s = tl.exp((s - m_s[:, None]) * inv_tau - log_d_a[:, None])
+        p_t = tl.exp((t - m_t[:, None]) * inv_tau - log_d_b[:, None])
+        g = g_kd * (p_s - p_t)
+        if HAS_LABELS:
+            target = tl.where(offs[None, :] == y[:, None], 1.0 - eps, 0.0) + eps / C
+            g += row_scale[:, None] * (tl.exp((s - m_s[:, None]) - log_d_1[:, None]) - target)
+        out = out_ptr + rows64[:, None] * C + offs[None, :]
+        tl.store(out, cast(g, out_ptr.dtype.element_ty, EMULATE), mask=mask)
 
 
 @triton.jit
@@ -194,38 +296,21 @@ def _kd_loss_bwd_kernel(
     HAS_LABELS: tl.constexpr,  # add ce's gradient
     EMULATE: tl.constexpr,  # interpreter: round the bf16 store to nearest even, as the GPU does
 ):
-    # grad_s = grad_kd · kd_scale/τ · (P_S − P_T) + grad_ce · (softmax(s) − (1−ε)·onehot(y) − ε/C) / n_valid,
-    # every softmax rebuilt from the forward's (max, log Σ exp). Reads s, t (2Ce), writes grad_s (Ce).
+    # grad_s = grad_kd · kd_scale/τ · (P_S − P_T) + grad_ce · (softmax(s) − (1−ε)·onehot(y) − ε/C) / n_valid.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    C = C_VEC * VEC
-    stats = stats_ptr + rows64 * 5
-    m_s = tl.load(stats, mask=row_ok, other=0.0)
-    log_d_a = tl.load(stats + 1, mask=row_ok, other=0.0)
-    m_t = tl.load(stats + 2, mask=row_ok, other=0.0)
-    log_d_b = tl.load(stats + 3, mask=row_ok, other=0.0)
+    m_s, log_d_a, m_t, log_d_b, log_d_1 = _load_row_stats(stats_ptr, rows64, row_ok, HAS_LABELS)
     g_kd = tl.load(grad_kd_ptr) * kd_grad_scale
+    y = tl.zeros((ROWS,), tl.int64)
+    row_scale = tl.zeros((ROWS,), tl.float32)
     if HAS_LABELS:
         y = tl.load(y_ptr + rows64 * y_stride, mask=row_ok, other=IGNORE_INDEX)
-        log_d_1 = tl.load(stats + 4, mask=row_ok, other=0.0)
         row_scale = tl.where(y != IGNORE_INDEX, tl.load(grad_ce_ptr) / tl.load(n_valid_ptr), 0.0)
-    cols = tl.arange(0, BLOCK_C)
-    for start in range(0, C, BLOCK_C):
-        offs = start + cols
-        mask = row_ok[:, None] & (offs < C)[None, :]
-        s = tl.load(s_ptr + rows64[:, None] * (s_stride_vec * VEC) + offs[None, :], mask=mask, other=0.0)
-        t = tl.load(t_ptr + rows64[:, None] * (t_stride_vec * VEC) + offs[None, :], mask=mask, other=0.0)
-        s = tl.where(mask, s.to(tl.float32), m_s[:, None])  # masked lanes at the maximum: exp() stays finite
-        t = tl.where(mask, t.to(tl.float32), m_t[:, None])
-        p_s = tl.exp((s - m_s[:, None]) * inv_tau - log_d_a[:, None])
-        p_t = tl.exp((t - m_t[:, None]) * inv_tau - log_d_b[:, None])
-        g = g_kd * (p_s - p_t)
-        if HAS_LABELS:
-            target = tl.where(offs[None, :] == y[:, None], 1.0 - eps, 0.0) + eps / C
-            g += row_scale[:, None] * (tl.exp((s - m_s[:, None]) - log_d_1[:, None]) - target)
-        out = out_ptr + rows64[:, None] * C + offs[None, :]
-        tl.store(out, cast(g, out_ptr.dtype.element_ty, EMULATE), mask=mask)
+    _grad_rows(
+        s_ptr, t_ptr, out_ptr, rows64, row_ok, y, m_s, log_d_a, m_t, log_d_b, log_d_1, g_kd, row_scale,
+        C_VEC * VEC, s_stride_vec * VEC, t_stride_vec * VEC, inv_tau, eps, BLOCK_C, HAS_LABELS, EMULATE,
+    )  # fmt: skip
 
 
 def _launch_shape(c: int, *strides: int) -> tuple[int, int, int, int]:
@@ -247,6 +332,18 @@ def _kd_scale(n: int, c: int, temperature: float, reduction: str, tau_squared: b
 
 
 def _kd_loss_forward(s, t, labels, temperature, reduction, tau_squared, form, label_smoothing):
+    kd, ce, n_valid, stats, _objective, _grad = _forward(
+        s, t, labels, temperature, reduction, tau_squared, form, label_smoothing
+    )
+    return kd, ce, n_valid, stats
+
+
+def _forward(
+    s, t, labels, temperature, reduction, tau_squared, form, label_smoothing, kd_weight=None, ce_weight=0.0,
+    emit_grad=False,
+):  # fmt: skip
+    """One forward launch (after a 4-byte memset): kd, ce, n_valid, stats, and with kd_weight (a 0-dim fp32 tensor)
+    the objective kd_weight·kd + ce_weight·ce, and with emit_grad its gradient for an upstream gradient of 1."""
     n, c = s.shape
     has_labels = labels is not None
     f32 = {"dtype": torch.float32, "device": s.device}
@@ -254,7 +351,8 @@ def _kd_loss_forward(s, t, labels, temperature, reduction, tau_squared, form, la
     programs = triton.cdiv(n, rows)
     stats = torch.empty((n, STATS), **f32)
     partials = torch.empty((programs, 3), **f32)
-    kd, ce, n_valid = (torch.empty((), **f32) for _ in range(3))
+    kd, ce, n_valid, objective = (torch.empty((), **f32) for _ in range(4))
+    grad = torch.empty((n, c) if emit_grad else (0,), dtype=s.dtype, device=s.device)
     ticket = torch.zeros((1,), dtype=torch.int32, device=s.device)
     y, y_stride = (labels, labels.stride(0)) if has_labels else (stats, 0)  # stats: a placeholder, never read
     with _device_guard(s.device):
@@ -268,6 +366,9 @@ def _kd_loss_forward(s, t, labels, temperature, reduction, tau_squared, form, la
             kd,
             ce,
             n_valid,
+            kd if kd_weight is None else kd_weight,  # kd: a placeholder, never read
+            objective,
+            grad if emit_grad else stats,  # stats: a placeholder, never written
             n,
             c // vec,
             s.stride(0) // vec,
@@ -276,15 +377,19 @@ def _kd_loss_forward(s, t, labels, temperature, reduction, tau_squared, form, la
             1.0 / temperature,
             label_smoothing,
             _kd_scale(n, c, temperature, reduction, tau_squared),
+            float(ce_weight),
             VEC=vec,
             ROWS=rows,
             BLOCK_C=block_c,
+            ONE_BLOCK=block_c >= c,
             KL=form == "kl",
             HAS_LABELS=has_labels,
+            OBJECTIVE=kd_weight is not None,
+            EMIT_GRAD=emit_grad,
             EMULATE=INTERPRET,
             num_warps=warps,
         )
-    return kd, ce, n_valid, stats
+    return kd, ce, n_valid, stats, objective, grad
 
 
 def _kd_loss_backward(s, t, labels, stats, grads, temperature, reduction, tau_squared, label_smoothing):

@@ -18,7 +18,9 @@ from fastfit.perf.kernel_bench import run
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="+", default=["kd", "hint"], choices=["kd", "hint"])
-    parser.add_argument("--providers", nargs="+", default=["eager", "compile", "fused"])
+    parser.add_argument(
+        "--providers", nargs="+", default=["eager", "compile", "fused", "objective", "objective_scaled"]
+    )
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
     parser.add_argument("--quick", action="store_true", help="small shapes and few iterations (CPU smoke runs)")
     parser.add_argument("--iters", type=int, default=100)

@@ -30,7 +30,9 @@ CONFIG = [
 ]
 
 
-def test_one_step_gives_the_same_terms_and_gradients(tmp_path):
+# upstream 1: the fused KD objective keeps the gradient its forward wrote; 2: its backward recomputes it.
+@pytest.mark.parametrize("upstream", [1.0, 2.0])
+def test_one_step_gives_the_same_terms_and_gradients(tmp_path, upstream):
     cfg = load_config("demo_fmnist_student", [*CONFIG, f'run.output_dir="{tmp_path}"'])
     run = setup_run(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
     images, labels = next(iter(run.data.train.epoch(0)))
@@ -42,7 +44,7 @@ def test_one_step_gives_the_same_terms_and_gradients(tmp_path):
         assert all(h.fused == fused for h in model.hint_losses) and model.kd.fused == fused
         model.zero_grad(set_to_none=True)
         loss, terms, _ = model(images, labels, teacher_out, torch.tensor(10.0))
-        (2.0 * loss).backward()
+        (loss if upstream == 1.0 else upstream * loss).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[fused] = ({k: v.item() for k, v in terms.items()}, grads)
     (ref_terms, ref_grads), (fused_terms, fused_grads) = results[False], results[True]

@@ -13,7 +13,7 @@ def test_cases_cover_the_targets():
 
 def test_providers_agree_and_inputs_rotate():
     case = bench_kd.setup({"N": 5, "C": 37, "dtype": "float32"}, torch.device("cpu"))
-    assert set(case.providers) == {"eager", "compile", "fused"}
+    assert set(case.providers) == {"eager", "compile", "fused", "objective", "objective_scaled"}
     assert case.bytes == {"fwd": 3 * 5 * 37 * 4 + 8 * 5, "fwd_bwd": 3 * 5 * 37 * 4 + 8 * 5}
     assert case.target_us == {}  # no roofline for a CPU
     eager, fused = case.providers["eager"], case.providers["fused"]
@@ -22,3 +22,11 @@ def test_providers_agree_and_inputs_rotate():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fused["fwd_bwd"](i), eager["fwd_bwd"](i), rtol=1e-4, atol=1e-7)
     assert not torch.equal(eager["fwd"](0)[0], eager["fwd"](1)[0])  # call i and i+1 read different inputs
+    objective, scaled = case.providers["objective"], case.providers["objective_scaled"]
+    for i in (0, 1):
+        kd, ce = eager["fwd"](i)
+        total, kd_fused, ce_fused = objective["fwd"](i)
+        torch.testing.assert_close(total, bench_kd.KD_WEIGHT * kd + ce, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close((kd_fused, ce_fused), (kd, ce), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(objective["fwd_bwd"](i), eager["fwd_bwd"](i), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(scaled["fwd_bwd"](i), 2.0**16 * eager["fwd_bwd"](i), rtol=1e-4, atol=1e-7 * 2**16)

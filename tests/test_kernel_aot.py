@@ -45,7 +45,7 @@ def test_the_gate_covers_every_op_shape_dtype_and_arch(report):
     _, data = report
     seen = {(r["launch"]["op"], r["launch"]["arch"]) for r in _gated(data["results"])}
     ops = {f"hint {layer} {d}" for layer in HINT_SHAPES for d in HINT_DTYPES}
-    ops |= {f"kd {n}x{c} {d}" for n, c, d in KD_SHAPES}
+    ops |= {f"{kd} {n}x{c} {d}" for n, c, d in KD_SHAPES for kd in ("kd", "kd_objective")}
     assert seen == {(op, arch) for op in ops for arch in (90, 80)}
     kernels = {r["launch"]["kernel"] for r in _gated(data["results"]) if r["launch"]["op"] == "hint layer4 bfloat16"}
     assert kernels == {
@@ -82,8 +82,12 @@ def test_shared_memory_stays_within_each_architecture(report):
 
 def test_kd_kernels_load_logits_in_vectors(report):
     _, data = report
-    kd = [r for r in _gated(data["results"]) if r["launch"]["kernel"].startswith("_kd_loss")]
-    assert kd
+    kd = [r for r in _gated(data["results"]) if r["launch"]["kernel"].startswith("_kd_")]
+    assert {r["launch"]["kernel"] for r in kd} == {
+        "_kd_loss_fwd_kernel",
+        "_kd_loss_bwd_kernel",
+        "_kd_objective_bwd_kernel",
+    }
     for row in kd:
         c = int(row["launch"]["op"].split()[1].split("x")[1])
         assert row["launch"]["vector_loads"] == (c % 4 == 0)

@@ -111,9 +111,10 @@ class KDLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.fused = fused
         if fused:
-            from fastfit.kernels import fused_kd_loss  # imported only when asked: it pulls in Triton
+            from fastfit.kernels import fused_kd_loss, fused_kd_objective  # only when asked: pulls in Triton
 
             self._fused_kd_loss = fused_kd_loss
+            self._fused_kd_objective = fused_kd_objective
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None):
         if self.fused:
@@ -134,6 +135,27 @@ class KDLoss(nn.Module):
         if labels is not None:
             ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=self.label_smoothing)
         return kd, ce
+
+    def fused_objective(
+        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, kd_weight: Tensor, ce_weight: float
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(kd_weight·kd + ce_weight·ce, kd, ce) with fused=True: one differentiable output whose student gradient
+        the forward pass writes (fastfit.kernels.fused_kd_objective); kd and ce are for logging, ce None without
+        labels or with ce_weight 0. kd_weight: a 0-dim fp32 tensor on the logits' device."""
+        if not self.fused:
+            raise ValueError("expected a KDLoss built with fused=True for fused_objective; call it directly instead")
+        return self._fused_kd_objective(
+            student_logits,
+            teacher_logits,
+            labels,
+            kd_weight,
+            ce_weight,
+            self.temperature,
+            self.reduction,
+            self.tau_squared,
+            self.form,
+            self.label_smoothing,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -126,6 +126,20 @@ class StageModel(nn.Module):
             terms[f"hint/{hint.student}"] = value
             total = total + hint.weight * value
         ce = None
+        if self.kd is not None and self.kd.fused:
+            # One fused output for λ·kd + w·ce: its gradient is written by the forward pass, and the backward is
+            # free when that output's upstream gradient is 1 (a plain loss.backward(), no GradScaler).
+            ce_weight = self.ce_weight if self.stage.use_ce else 0.0
+            labels_ce = labels if self.stage.use_ce else None
+            objective, terms["kd"], ce = self.kd.fused_objective(
+                logits, teacher_out[LOGITS], labels_ce, kd_weight.float(), ce_weight
+            )
+            total = total + objective
+            if self.stage.use_ce:
+                if ce is None:  # a zero ce_weight: the objective has no ce term; logged all the same
+                    ce = F.cross_entropy(logits.detach().float(), labels, label_smoothing=self.label_smoothing)
+                terms["ce"] = ce
+            return total, terms, logits
         if self.kd is not None:
             kd, ce = self.kd(logits, teacher_out[LOGITS], labels if self.stage.use_ce else None)
             terms["kd"] = kd

@@ -144,6 +144,25 @@ def _kd_calls(n, c, dtype):
     kd._kd_loss_backward(s, t, y, stats, (kd_out, ce, n_valid), 6.0, "mean", True, 0.1)
 
 
+def _kd_objective_calls(n, c, dtype):
+    """fused_kd_objective as the trainer calls it: the forward writing the gradient, then the check-and-fix
+    backward (compiled with its recomputation, whichever path a launch takes)."""
+    import torch
+
+    from fastfit.kernels import kd_loss as kd
+    from fastfit.kernels import kd_objective as obj
+
+    s = torch.empty(n, c, dtype=dtype, device="meta")
+    t = torch.empty(n, c, dtype=dtype, device="meta")
+    y = torch.empty(n, dtype=torch.int64, device="meta")
+    w = torch.empty((), device="meta")
+    config = (6.0, "mean", True, "kl", 0.1)
+    _kd, _ce, n_valid, stats, objective, grad = kd._forward(
+        s, t, y, *config, kd_weight=w, ce_weight=1.0, emit_grad=True
+    )
+    obj._objective_backward(grad, s, t, y, stats, objective, w, n_valid, 1.0, 6.0, "mean", True, 0.1, False)
+
+
 def capture(arch: int) -> list[Launch]:
     """Every launch of the ops at the real shapes on `arch`, autotune configs expanded."""
     import torch
@@ -161,6 +180,7 @@ def capture(arch: int) -> list[Launch]:
         for layer, shape in HINT_SHAPES.items()
     ]
     jobs += [(f"kd {n}x{c} {d}", _kd_calls, (n, c, getattr(torch, d)), d) for n, c, d in KD_SHAPES]
+    jobs += [(f"kd_objective {n}x{c} {d}", _kd_objective_calls, (n, c, getattr(torch, d)), d) for n, c, d in KD_SHAPES]
     launches: list[Launch] = []
     for op, fn, args, dname in jobs:
         records: list = []
@@ -190,7 +210,7 @@ def capture(arch: int) -> list[Launch]:
                         options={k: options.__dict__[k] for k in ("num_warps", "num_stages")},
                         grid=list(grid(kw) if callable(grid) else grid),
                         mma_operand=_mma_operand(name, dname),
-                        vector_loads=name.startswith("_kd_loss") and c is not None and c % 4 == 0,
+                        vector_loads=name.startswith("_kd_") and c is not None and c % 4 == 0,
                         tensor_bytes=sum(
                             t.numel() * t.element_size()
                             for t in {id(a): a for a in call_args if isinstance(a, torch.Tensor)}.values()

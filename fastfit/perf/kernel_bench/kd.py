@@ -3,10 +3,13 @@
 Providers, all computing MMRazor's KD (τ = 6, reduction "mean", × τ²) plus the student's CE on hard labels:
   eager    fastfit.distill.losses.kd_loss_reference + F.cross_entropy, plain PyTorch
   compile  torch.compile of the same function
-  fused    fastfit.kernels.fused_kd_loss (one Triton pass per row)
-Modes: "fwd" is a training forward (the student requires grad, so the fused op writes its gradient), "fwd_bwd" adds
-the gradient of 10·kd + ce with respect to the student logits. The bandwidth floor of both is reading s and t and
-writing one student-sized gradient: 3·N·C·element_size (+ 8 B per label).
+  fused    fastfit.kernels.fused_kd_loss (one Triton pass per row forward, one backward)
+  objective         fastfit.kernels.fused_kd_objective (10·kd + ce as one output, the gradient written forward):
+                    upstream gradient 1, the trainer's plain loss.backward() — the backward's fast path
+  objective_scaled  the same with an upstream gradient of 2^16, as a GradScaler gives — the slow path
+Modes: "fwd" is a training forward (the student requires grad), "fwd_bwd" adds the gradient of 10·kd + ce with
+respect to the student logits. The bandwidth floor of both is reading s and t and writing one student-sized
+gradient: 3·N·C·element_size (+ 8 B per label).
 """
 
 from __future__ import annotations
@@ -40,6 +43,24 @@ def _fused(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
     from fastfit.kernels import fused_kd_loss  # imported here: it pulls in Triton
 
     return fused_kd_loss(s, t, y, TEMPERATURE, REDUCTION, True, "kl")
+
+
+def _objective_modes(inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], upstream: float):
+    from fastfit.kernels import fused_kd_objective  # imported here: it pulls in Triton
+
+    device = inputs[0][0].device
+    kd_weight = torch.tensor(KD_WEIGHT, device=device)
+    grad_output = torch.tensor(upstream, device=device)
+
+    def forward(i: int):
+        s, t, y = inputs[i % len(inputs)]
+        return fused_kd_objective(s, t, y, kd_weight, 1.0, TEMPERATURE, REDUCTION, True, "kl")
+
+    def fwd_bwd(i: int):
+        objective, _, _ = forward(i)
+        return torch.autograd.grad(objective, inputs[i % len(inputs)][0], grad_output)[0]
+
+    return {"fwd": forward, "fwd_bwd": fwd_bwd}
 
 
 def _modes(loss_fn, inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
@@ -80,6 +101,8 @@ def setup(case: dict[str, Any], device: torch.device) -> Case:
             "eager": _modes(_reference, inputs),
             "compile": _modes(torch.compile(_reference), inputs),
             "fused": _modes(_fused, inputs),
+            "objective": _objective_modes(inputs, 1.0),
+            "objective_scaled": _objective_modes(inputs, 2.0**16),
         },
         bytes={"fwd": floor_bytes, "fwd_bwd": floor_bytes},
         target_us=target_us,
