@@ -495,3 +495,19 @@ def test_a_file_name_that_is_not_utf8_is_named_before_the_file_list_is_written(c
     os.rename(os.fsencode(first), raw)
     with pytest.raises(DataError, match=r"file name b'.*/caf\\xe9.png' is not valid UTF-8.*data.backend=torchvision"):
         build_dali_loaders(_cfg(constant_root), _env(), constant_root, batch_size=4, seed=0, channels_last=True)
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits_like_the_torchvision_backend(tmp_path):
+    """DALI's decoder scales 16-bit grey by 1/257 (rounded), as fastfit's torchvision backend does; PIL's own
+    conversion would clip 40000 to 255."""
+    values = {"low": 1000, "mid": 40000, "top": 65535}  # → 4, 156, 255
+    for split in ("train", "val"):
+        for name, value in values.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(np.full((24, 24), value, np.uint16)).save(tmp_path / split / name / "deep.png")
+    cfg = _cfg(tmp_path, image_size=16, val_resize=20, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    _, val, classes = build_dali_loaders(cfg, _env(), tmp_path, batch_size=3, seed=0, channels_last=True)
+    ((images, labels),) = list(val)
+    for image, label in zip(images, labels.tolist(), strict=True):
+        expected = round(values[classes[label]] / 257) / 255
+        assert torch.allclose(image, torch.full_like(image, expected), atol=1e-6), (classes[label], image.max())

@@ -129,8 +129,8 @@ def check_image_file(
             if high_bit and (image.mode in HIGH_BIT_MODES or (depth is not None and depth > 8)):
                 bits = f"{depth}-bit PNG" if depth and depth > 8 else f"PIL mode {image.mode}"
                 return (
-                    f"high bit depth ({bits}): fastfit's torchvision backend scales it to 8 bits, other tools may "
-                    "clip it; convert it to 8 bits to be sure"
+                    f"high bit depth ({bits}): both fastfit backends scale it to 8 bits, other tools "
+                    "may clip it; convert it to 8 bits to be sure"
                 )
             if decode:
                 image.convert("RGB")  # loads every pixel: raises on corrupt or truncated data
