@@ -5,16 +5,19 @@ so one graph serves any epoch, rank or resume point. Outputs: images normalized 
 (channels-last once permuted) or CHW, float16 on the GPU or float32 on the CPU; labels int64 (B, 1), on the GPU
 when the images are.
 
-Train augmentations, matching fastfit/data/torchvision.py:
+Train augmentations, matching fastfit/data/torchvision_backend.py:
   rrc       fused decode + random-resized-crop (ROI decode), resize to image_size × image_size
   pad-crop  full decode, zero-pad by max(1, image_size // 8) and take a random image_size crop (like RandomCrop)
   none      resize the shorter side to image_size, center crop
-then an optional horizontal flip (p = 0.5) fused into crop_mirror_normalize.
+then an optional horizontal flip (p = 0.5) fused into crop_mirror_normalize. Their random numbers come from the
+host, one row per sample (external_source 'Randoms'), never from DALI's generators: the host keys them on the
+sample, so crops do not depend on the pipeline's seed, batch position, rank or start point.
 Val: resize the shorter side to val_resize (0 = none), center crop image_size (padded with black if smaller).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import nvidia.dali.fn as fn
@@ -131,57 +134,95 @@ def _pipeline(spec: PipelineSpec, batch_size: int, seed: int) -> Pipeline:
     )
 
 
+# Per-sample random numbers the host feeds to the train graph (see sample_random.py), one row per sample:
+RANDOMS = 5  # [area, log aspect ratio, anchor y, anchor x] for rrc ([y, x] for pad-crop), then the flip
+_FLIP = 4
+
+
+def _random_resized_crop(jpegs, u, spec: PipelineSpec, scale: tuple[float, float], ratio: tuple[float, float]):
+    """ROI decode of torchvision's RandomResizedCrop window, drawn from the host's uniforms `u`, resized to
+    image_size. Area fraction a = lerp(scale), aspect r = exp(lerp(log ratio)); width round(√(a·r·H·W)) and height
+    round(√(a/r·H·W)) pixels, each clamped to [1, W] / [1, H]; top-left uniform over the positions that fit, as in
+    torchvision. One draw instead of torchvision's up to 10 attempts: a window that would not fit is clamped to the
+    image where torchvision would draw again (and after 10 misses fall back to a centre crop), so the two differ
+    only at the extremes of scale × ratio (e.g. a ≥ 0.75 with a far-from-square ratio)."""
+    height, width = _height_width(jpegs)
+    area = (scale[0] + u[0] * (scale[1] - scale[0])) * height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = dmath.exp(log_lo + u[1] * (log_hi - log_lo))
+    crop_w = dmath.clamp(dmath.floor(dmath.sqrt(area * aspect) + 0.5), 1.0, width)
+    crop_h = dmath.clamp(dmath.floor(dmath.sqrt(area / aspect) + 0.5), 1.0, height)
+    top = dmath.floor(u[2] * (height - crop_h + 1))  # u < 1 in float32: never past height − crop_h
+    left = dmath.floor(u[3] * (width - crop_w + 1))
+    images = fn.decoders.image_slice(
+        jpegs,
+        start=fn.cast(fn.stack(top, left), dtype=types.INT32),
+        shape=fn.cast(fn.stack(crop_h, crop_w), dtype=types.INT32),
+        axis_names="HW",
+        **_decoder_args(spec),
+    )
+    return fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size, antialias=True)
+
+
+def _pad_crop(jpegs, u, spec: PipelineSpec):
+    """torchvision RandomCrop(image_size, padding=max(1, image_size // 8)) with zero fill."""
+    size = spec.image_size
+    pad = max(1, size // 8)
+    height, width = _height_width(jpegs)
+    # RandomCrop on the padded image: top-left uniform in [0, H + 2·pad − size], in padded coordinates; shifted
+    # by −pad it becomes a slice start that may begin outside the image.
+    top = dmath.floor(u[0] * (height + float(2 * pad - size + 1))) - pad
+    left = dmath.floor(u[1] * (width + float(2 * pad - size + 1))) - pad
+    images = fn.decoders.image(jpegs, **_decoder_args(spec))
+    return fn.slice(
+        images,
+        fn.cast(fn.stack(top, left), dtype=types.INT32),
+        [size, size],
+        axis_names="HW",
+        out_of_bounds_policy="pad",
+        fill_values=0,
+        normalized_anchor=False,
+        normalized_shape=False,
+    )
+
+
 def train_pipeline(
     spec: PipelineSpec,
     file_list: str,
     batch_size: int,
-    seed: int,
+    randoms,
     augment: str,
     rrc_scale: tuple[float, float],
     rrc_ratio: tuple[float, float],
     hflip: bool,
 ) -> Pipeline:
-    size = spec.image_size
-    pipe = _pipeline(spec, batch_size, seed)
+    """The train graph over `file_list`. `randoms(iteration)` returns float32 (batch_size, RANDOMS) uniforms in
+    [0, 1), row i for the i-th file of that batch: every crop and flip comes from them, none from DALI's own
+    generators, so the pipeline's seed does not matter and a sample's augmentation is whatever the host keyed
+    its row on."""
+    if augment not in ("rrc", "pad-crop", "none"):
+        raise ValueError(f"expected data.augment in 'rrc', 'pad-crop', 'none', got {augment!r}")
+    pipe = _pipeline(spec, batch_size, seed=0)
     with pipe:
         jpegs, labels = _read(file_list)
-        mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
+        u = fn.external_source(
+            source=lambda info: randoms(info.iteration),
+            batch=True,
+            batch_info=True,
+            dtype=types.FLOAT,
+            ndim=1,
+            name="Randoms",
+        )
+        mirror = fn.cast(u[_FLIP] < 0.5, dtype=types.INT32) if hflip else 0
         if augment == "rrc":
-            images = fn.decoders.image_random_crop(
-                jpegs,
-                random_area=list(rrc_scale),
-                random_aspect_ratio=list(rrc_ratio),
-                num_attempts=10,
-                **_decoder_args(spec),
-            )
-            images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
-            images = _normalize(images, spec, mirror)
+            images = _normalize(_random_resized_crop(jpegs, u, spec, rrc_scale, rrc_ratio), spec, mirror)
         elif augment == "pad-crop":
-            pad = max(1, size // 8)
-            height_width = fn.cast(fn.peek_image_shape(jpegs, adjust_orientation=False)[0:2], dtype=types.FLOAT)
-            # torchvision RandomCrop on the padded image: top-left uniform in [0, H + 2·pad − size], in padded
-            # coordinates; shifted by −pad it becomes a slice start that may begin outside the image.
-            u = fn.random.uniform(range=[0.0, 1.0], shape=[2])
-            start = fn.cast(dmath.floor(u * (height_width + float(2 * pad - size + 1))), dtype=types.INT32) - pad
+            images = _normalize(_pad_crop(jpegs, u, spec), spec, mirror)
+        else:
             images = fn.decoders.image(jpegs, **_decoder_args(spec))
-            images = fn.slice(
-                images,
-                start,
-                [size, size],
-                axis_names="HW",
-                out_of_bounds_policy="pad",
-                fill_values=0,
-                normalized_anchor=False,
-                normalized_shape=False,
-            )
-            images = _normalize(images, spec, mirror)
-        elif augment == "none":
-            images = fn.decoders.image(jpegs, **_decoder_args(spec))
-            height, width = _resize_shorter(*_height_width(jpegs), size)
+            height, width = _resize_shorter(*_height_width(jpegs), spec.image_size)
             images = fn.resize(images, resize_y=height, resize_x=width, antialias=True)
             images = _normalize(images, spec, mirror, center_of=(height, width))
-        else:
-            raise ValueError(f"expected data.augment in 'rrc', 'pad-crop', 'none', got {augment!r}")
         pipe.set_outputs(images, _labels(labels, spec))
     return pipe
 
