@@ -19,7 +19,8 @@ parses it in DALI (≈0.15 s per million), timed on the 2-core development machi
 ≈0.6 s per ≈150 s epoch, on 8 GPUs ≈0.08 s per rank. (Passing the list as `files=` instead costs ≈2.2 s per
 million in DALI's argument handling.) The per-sample uniforms cost ≈0.15 s per million samples, a batch at a
 time. DALI's own sharding (`shard_id`/`num_shards`, `shuffle_after_epoch`) would avoid the rebuild but deals
-contiguous blocks, cannot start mid-epoch, and would not match the torchvision backend's order. Each epoch's first batch also waits for a fresh pipeline to fill its prefetch queue.
+contiguous blocks, cannot start mid-epoch, and would not match the torchvision backend's order. Each epoch's
+first batch also waits for a fresh pipeline to fill its prefetch queue.
 
 Bad files. DALI 2.4's decoder can crash the process (SIGSEGV, no message) on a non-image or header-corrupt
 file in a batch of 32 or more, so no such file may reach it: at build time every file of both splits gets the
