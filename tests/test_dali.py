@@ -47,6 +47,19 @@ def constant_root(tmp_path):
 
 
 @pytest.fixture
+def noise_root(tmp_path):
+    """21 training images of random noise in assorted sizes: any change of crop or flip changes the pixels."""
+    root = tmp_path / "noise"
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 21), ("val", 3)):
+        for k in range(count):
+            (root / split / f"c{k % 3}").mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (20 + k % 7, 24 + k % 5, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / split / f"c{k % 3}" / f"{k:03d}.png")
+    return root
+
+
+@pytest.fixture
 def photo_root(tmp_path):
     """The two real photos of scikit-learn (427×640 JPEGs), one class each, in both splits."""
     root = tmp_path / "photos"
@@ -84,7 +97,7 @@ def test_copy_and_zero_copy_outputs_agree_and_outlive_the_pipeline(constant_root
     for _ in train.epoch(1):  # more pipelines built, run and destroyed meanwhile
         pass
     assert all(torch.equal(x, a) and torch.equal(y, b) for (x, y), (a, b) in zip(kept, snapshot, strict=True))
-    pipe = train._build(train._pipeline(seed=11), list(range(8)))
+    pipe = train._build(train._pipeline(epoch=11, keys=list(range(8))), list(range(8)))
     outputs = pipe.run()
     copied, viewed = train._to_torch(outputs, 3, zero_copy=False), train._to_torch(outputs, 3, zero_copy=True)
     assert all(torch.equal(a, b) for a, b in zip(copied, viewed, strict=True)) and copied[0].shape == (3, 3, 8, 8)
@@ -160,6 +173,103 @@ def test_val_two_ranks_cover_an_odd_set_exactly_once(constant_root):
         parts.append(seen)
     assert [len(p) for p in parts] == [6, 5]
     assert sorted(parts[0] + parts[1]) == list(range(11))
+
+
+@pytest.mark.parametrize("augment", ["rrc", "pad-crop"])
+def test_two_ranks_hold_bitwise_the_pixels_of_the_one_rank_global_batches(noise_root, augment):
+    cfg = _cfg(noise_root, augment=augment, image_size=16)
+    one, _, _ = build_dali_loaders(cfg, _env(), noise_root, batch_size=8, seed=3, channels_last=False)
+    ranks = [
+        build_dali_loaders(cfg, _env(rank, 2), noise_root, batch_size=4, seed=3, channels_last=False)[0]
+        for rank in range(2)
+    ]
+    for epoch in (0, 1):
+        global_batches = list(one.epoch(epoch))
+        shards = [list(train.epoch(epoch)) for train in ranks]
+        for step, (images, labels) in enumerate(global_batches):
+            for rank in range(2):  # round-robin dealing: rank r holds samples r, r + 2, … of the global batch
+                assert torch.equal(shards[rank][step][0], images[rank::2]), (epoch, step, rank)
+                assert torch.equal(shards[rank][step][1], labels[rank::2])
+
+
+@pytest.mark.parametrize("augment", ["rrc", "pad-crop"])
+def test_mid_epoch_resume_gives_bitwise_the_uninterrupted_batches(noise_root, augment):
+    cfg = _cfg(noise_root, augment=augment, image_size=16)
+    train, _, _ = build_dali_loaders(cfg, _env(), noise_root, batch_size=4, seed=2, channels_last=True)
+    full = list(train.epoch(3))
+    fresh, _, _ = build_dali_loaders(cfg, _env(), noise_root, batch_size=4, seed=2, channels_last=True)
+    for start_step in (1, 3, 4):
+        resumed = list(fresh.epoch(3, start_step=start_step))
+        assert len(resumed) == 5 - start_step
+        for (x, y), (a, b) in zip(resumed, full[start_step:], strict=True):
+            assert torch.equal(x, a) and torch.equal(y, b), start_step
+
+
+def _by_sample(train, epoch: int) -> dict[int, torch.Tensor]:
+    """Dataset index → augmented image of `epoch` (the sampler gives the order the batches hold)."""
+    train.sampler.set_epoch(epoch)
+    order = [index for _, index in train.sampler]
+    images = torch.cat([x for x, _ in train.epoch(epoch)])
+    return dict(zip(order, images, strict=True))
+
+
+def test_crops_change_with_epoch_and_seed_but_not_with_the_batch_size(noise_root):
+    cfg = _cfg(noise_root, image_size=16)
+    train, _, _ = build_dali_loaders(cfg, _env(), noise_root, batch_size=4, seed=0, channels_last=False)
+    other_seed, _, _ = build_dali_loaders(cfg, _env(), noise_root, batch_size=4, seed=1, channels_last=False)
+    bigger, _, _ = build_dali_loaders(cfg, _env(), noise_root, batch_size=5, seed=0, channels_last=False)
+    epoch0, epoch1, seed1 = _by_sample(train, 0), _by_sample(train, 1), _by_sample(other_seed, 0)
+    bigger0 = _by_sample(bigger, 0)
+    shared = sorted(set(epoch0) & set(epoch1))
+    assert len(shared) >= 15 and all(not torch.equal(epoch0[i], epoch1[i]) for i in shared)
+    shared = sorted(set(epoch0) & set(seed1))
+    assert len(shared) >= 15 and all(not torch.equal(epoch0[i], seed1[i]) for i in shared)
+    # Another batch size moves samples to other batches and positions; each keeps its pixels.
+    shared = sorted(set(epoch0) & set(bigger0))
+    assert len(shared) >= 15 and all(torch.equal(epoch0[i], bigger0[i]) for i in shared)
+
+
+def _reference_rrc(path, u, size: int, scale, ratio, hflip: bool) -> torch.Tensor:
+    """torchvision's crop + resize of the window the DALI graph must take for uniforms `u` (written out in float64
+    here), normalized with MEAN/STD: an independent reference for its position, extent and flip."""
+    import math
+
+    import torchvision.transforms.v2.functional as F
+
+    image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    height, width = image.shape[1:]
+    area = (scale[0] + float(u[0]) * (scale[1] - scale[0])) * height * width
+    aspect = math.exp(math.log(ratio[0]) + float(u[1]) * (math.log(ratio[1]) - math.log(ratio[0])))
+    crop_w = min(max(math.floor(math.sqrt(area * aspect) + 0.5), 1), width)
+    crop_h = min(max(math.floor(math.sqrt(area / aspect) + 0.5), 1), height)
+    top, left = math.floor(float(u[2]) * (height - crop_h + 1)), math.floor(float(u[3]) * (width - crop_w + 1))
+    assert 0 <= top <= height - crop_h and 0 <= left <= width - crop_w  # the window lies inside the image
+    out = F.resized_crop(image, top, left, crop_h, crop_w, [size, size], antialias=True).float() / 255
+    if hflip and u[4] < 0.5:
+        out = out.flip(-1)
+    return (out - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("scale", "ratio"),
+    [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.9, 1.0), (0.2, 5.0))],  # torchvision's default; windows that get clamped
+)
+def test_random_resized_crop_takes_the_window_of_its_uniforms(photo_root, scale, ratio):
+    from fastfit.data.dali_pipelines import RANDOMS
+    from fastfit.data.sample_random import sample_uniforms
+
+    cfg = _cfg(photo_root, image_size=48, rrc_scale=list(scale), rrc_ratio=list(ratio))
+    train, _, _ = build_dali_loaders(cfg, _env(), photo_root, batch_size=1, seed=7, channels_last=False)
+    flips = 0
+    for epoch in range(6):
+        for index, image in _by_sample(train, epoch).items():
+            u = sample_uniforms(7, epoch, [index], RANDOMS)[0]
+            flips += bool(u[4] < 0.5)
+            expected = _reference_rrc(train.samples[index][0], u, 48, scale, ratio, hflip=True)
+            # Same window: the resampling filters differ by ≈0.1 grey level on average here; a window moved by 1%
+            # of the image differed by 0.8 to 6, a wrong flip by 20 to 70, when this test was written.
+            assert (image - expected).abs().mean() < 0.4 / 255 / min(STD), (epoch, index)
+    assert 0 < flips < 12
 
 
 def test_train_sharding_matches_torchvision_and_one_rank_global_batches(constant_root):

@@ -43,8 +43,6 @@ augment = "pad-crop"
 train_subset = 256
 val_subset = 101
 workers = 0
-# Bitwise across resumes and rank counts: the torchvision backend's crops are seeded per sample; DALI's per pipeline.
-backend = "torchvision"
 
 [run]
 device = "cpu"

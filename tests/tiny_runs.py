@@ -40,8 +40,6 @@ augment = "pad-crop"
 train_subset = 64
 val_subset = 20
 workers = 0
-# Bitwise across resumes and rank counts: the torchvision backend's crops are seeded per sample; DALI's per pipeline.
-backend = "torchvision"
 
 [run]
 device = "cpu"

@@ -6,17 +6,21 @@ seed + epoch, the tail dropped, dealt round-robin to ranks). The host computes e
 it to DALI as a file list; the reader only reads it in order. So every epoch and every resume point (epoch, start_step)
 gets exactly the samples torchvision would give, and a 2-rank run sees the global batches of a 1-rank run.
 
-Randomness of the crops and flips comes from DALI's per-sample generators, seeded from (seed, epoch, rank,
-start_step) when the epoch's pipeline is built. Replaying the same (epoch, start_step) gives identical batches;
-resuming mid-epoch gives the same samples in the same batches but freshly drawn crops for them (DALI's
-generators cannot be fast-forwarded without decoding the skipped batches). Equal in distribution, not in pixels.
+Randomness of the crops and flips is a pure function of (seed, epoch, sample's dataset index): the host computes
+each sample's uniforms (fastfit/data/sample_random.py, a counter hash, no generator state) and feeds them to the
+graph with the file list's order; DALI's own generators are not used. So a resume from any (epoch, start_step)
+gives bitwise the batches of the uninterrupted epoch, and a 2-rank run's batches hold bitwise the pixels of a
+1-rank run's global batches. The random-resized-crop draws once and clamps a window that would not fit where
+torchvision redraws (see dali_pipelines.py): torchvision's distribution of windows except at the extremes of
+scale × ratio.
 
 Cost of exactness: one pipeline per epoch. Building it writes the file list (≈0.45 s per million files) and
 parses it in DALI (≈0.15 s per million), timed on the 2-core development machine: for ImageNet on one GPU
 ≈0.6 s per ≈150 s epoch, on 8 GPUs ≈0.08 s per rank. (Passing the list as `files=` instead costs ≈2.2 s per
-million in DALI's argument handling.) DALI's own sharding (`shard_id`/`num_shards`, `shuffle_after_epoch`)
-would avoid the rebuild but deals contiguous blocks, cannot start mid-epoch, and would not match the torchvision
-backend's order. Each epoch's first batch also waits for a fresh pipeline to fill its prefetch queue.
+million in DALI's argument handling.) The per-sample uniforms cost ≈0.15 s per million samples, a batch at a
+time. DALI's own sharding (`shard_id`/`num_shards`, `shuffle_after_epoch`) would avoid the rebuild but deals
+contiguous blocks, cannot start mid-epoch, and would not match the torchvision backend's order. Each epoch's
+first batch also waits for a fresh pipeline to fill its prefetch queue.
 
 Bad files. DALI 2.4's decoder can crash the process (SIGSEGV, no message) on a non-image or header-corrupt
 file in a batch of 32 or more, so no such file may reach it: at build time every file of both splits gets the
@@ -40,6 +44,7 @@ import torch
 
 from fastfit.config import DataConfig
 from fastfit.data.auto import cpus_per_rank, resolve_dali_threads
+from fastfit.data.sample_random import sample_uniforms
 from fastfit.data.samples import (
     BadFileLog,
     ShardedSampler,
@@ -89,11 +94,6 @@ def read_file_list(path: str | os.PathLike, root: str | os.PathLike) -> list[tup
     if not samples:
         raise DataError(f"file list {path} has no 'relative/path label' lines")
     return samples
-
-
-def _seed(*parts: int) -> int:
-    """A DALI seed (31 bits) mixed from several integers, so nearby (epoch, step) pairs get unrelated streams."""
-    return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
 
 
 def _write_file_list(samples: list[tuple[str, int]]) -> str:
@@ -266,7 +266,25 @@ class DaliTrainLoader(_DaliLoader):
             "every training image failed to decode; check the folder with: fastfit data check DATA_ROOT --decode"
         )
 
-    def _pipeline(self, seed: int):
+    def _randoms(self, epoch: int, keys: list[int]):
+        """randoms(iteration) for a pipeline reading the samples `keys` (dataset indices) in batches: each row keyed
+        on (seed, epoch, index), so a sample's crop and flip do not depend on the rank, batch or resume point.
+        A substituted bad file keeps the key of the sample it stands in for. Past the list's end the reader wraps
+        (prefetching), and so do the keys."""
+        from fastfit.data.dali_pipelines import RANDOMS
+
+        keys = np.asarray(keys, dtype=np.int64)
+        batches = max(1, math.ceil(len(keys) / self.batch_size))
+
+        def randoms(iteration: int) -> np.ndarray:
+            start = iteration % batches * self.batch_size
+            batch = keys[start : start + self.batch_size]
+            batch = np.pad(batch, (0, self.batch_size - len(batch)), mode="edge")  # pad_last_batch repeats the last
+            return sample_uniforms(self.seed, epoch, batch, RANDOMS)
+
+        return randoms
+
+    def _pipeline(self, epoch: int, keys: list[int]):
         from fastfit.data.dali_pipelines import train_pipeline
 
         cfg = self.cfg
@@ -274,7 +292,7 @@ class DaliTrainLoader(_DaliLoader):
             self.spec,
             file_list,
             self.batch_size,
-            seed,
+            self._randoms(epoch, keys),
             cfg.augment,
             tuple(cfg.rrc_scale),
             tuple(cfg.rrc_ratio),
@@ -288,9 +306,9 @@ class DaliTrainLoader(_DaliLoader):
         step = start_step
         while step < self.steps_per_epoch:
             first = step  # the pipeline built now starts at this step (a rebuild after a bad file starts later)
-            positions = [self._substitute(p) for p in order[(first - start_step) * self.batch_size :]]
-            seed = _seed(self.seed, epoch, self.env.rank, start_step, first)
-            pipe = self._build(self._pipeline(seed), positions)
+            keys = order[(first - start_step) * self.batch_size :]
+            positions = [self._substitute(p) for p in keys]
+            pipe = self._build(self._pipeline(epoch, keys), positions)
             try:
                 while step < self.steps_per_epoch:
                     try:

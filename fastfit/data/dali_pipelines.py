@@ -5,18 +5,22 @@ so one graph serves any epoch, rank or resume point. Outputs: images normalized 
 (channels-last once permuted) or CHW, float16 on the GPU or float32 on the CPU; labels int64 (B, 1), on the GPU
 when the images are.
 
-Train augmentations, matching fastfit/data/torchvision.py:
+Train augmentations, matching fastfit/data/torchvision_backend.py:
   rrc       fused decode + random-resized-crop (ROI decode), resize to image_size × image_size
   pad-crop  full decode, zero-pad by max(1, image_size // 8) and take a random image_size crop (like RandomCrop)
   none      resize the shorter side to image_size, center crop
-then an optional horizontal flip (p = 0.5) fused into crop_mirror_normalize.
+then an optional horizontal flip (p = 0.5) fused into crop_mirror_normalize. Their random numbers come from the
+host, one row per sample (an external_source), never from DALI's generators: the host keys them on the
+sample, so crops do not depend on the pipeline's seed, batch position, rank or start point.
 Val: resize the shorter side to val_resize (0 = none), center crop image_size (padded with black if smaller).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
 import nvidia.dali.types as types
@@ -131,57 +135,110 @@ def _pipeline(spec: PipelineSpec, batch_size: int, seed: int) -> Pipeline:
     )
 
 
+# Per-sample random numbers the host feeds to the train graph (see sample_random.py), one row per sample:
+RANDOMS = 5  # [area, log aspect ratio, anchor y, anchor x, flip]
+
+
+def _host_params(u: np.ndarray, scale: tuple[float, float], ratio: tuple[float, float], hflip: bool):
+    """The graph's per-sample inputs from the uniforms `u` (B, RANDOMS), computed on the host where they do not need
+    the image: DALI's arithmetic costs per operator and sample, so the graph keeps only what needs H and W.
+    Returns (extent factors [√(a/r), √(a·r)], anchor uniforms [y, x], mirror flags): area fraction a = lerp(scale)
+    and aspect r = exp(lerp(log ratio)), so the crop is factor · √(H·W) pixels high and wide."""
+    u = u.astype(np.float64)
+    area = scale[0] + u[:, 0] * (scale[1] - scale[0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(log_lo + u[:, 1] * (log_hi - log_lo))
+    factors = np.stack([np.sqrt(area / aspect), np.sqrt(area * aspect)], axis=1).astype(np.float32)
+    mirror = ((u[:, 4] < 0.5) & hflip).astype(np.int32)
+    return factors, u[:, 2:4].astype(np.float32), mirror
+
+
+def _height_width_vector(jpegs):
+    """[H, W] of each encoded image as one float node (vector arithmetic: one operator for both axes)."""
+    return fn.cast(fn.peek_image_shape(jpegs, adjust_orientation=False)[0:2], dtype=types.FLOAT)
+
+
+def _random_resized_crop(jpegs, factors, anchors, spec: PipelineSpec):
+    """ROI decode of torchvision's RandomResizedCrop window, resized to image_size: height and width
+    round(factor · √(H·W)) pixels (torchvision's round(√(area / r)), round(√(area · r))), each clamped to [1, H] /
+    [1, W]; top-left uniform over the positions that fit, as in torchvision. One draw instead of torchvision's up
+    to 10 attempts: a window that would not fit is clamped to the image where torchvision would draw again (and
+    after 10 misses fall back to a centre crop), so the two differ only at the extremes of scale × ratio (e.g.
+    a ≥ 0.75 with a far-from-square ratio)."""
+    height_width = _height_width_vector(jpegs)
+    extent = dmath.clamp(dmath.floor(factors * dmath.sqrt(height_width[0] * height_width[1]) + 0.5), 1.0, height_width)
+    start = dmath.floor(anchors * (height_width - extent + 1))  # u < 1 in float32: never past H − h, W − w
+    images = fn.decoders.image_slice(
+        jpegs,
+        start=fn.cast(start, dtype=types.INT32),
+        shape=fn.cast(extent, dtype=types.INT32),
+        axis_names="HW",
+        **_decoder_args(spec),
+    )
+    return fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size, antialias=True)
+
+
+def _pad_crop(jpegs, anchors, spec: PipelineSpec):
+    """torchvision RandomCrop(image_size, padding=max(1, image_size // 8)) with zero fill."""
+    size = spec.image_size
+    pad = max(1, size // 8)
+    # RandomCrop on the padded image: top-left uniform in [0, H + 2·pad − size], in padded coordinates; shifted
+    # by −pad it becomes a slice start that may begin outside the image.
+    start = dmath.floor(anchors * (_height_width_vector(jpegs) + float(2 * pad - size + 1))) - pad
+    images = fn.decoders.image(jpegs, **_decoder_args(spec))
+    return fn.slice(
+        images,
+        fn.cast(start, dtype=types.INT32),
+        [size, size],
+        axis_names="HW",
+        out_of_bounds_policy="pad",
+        fill_values=0,
+        normalized_anchor=False,
+        normalized_shape=False,
+    )
+
+
 def train_pipeline(
     spec: PipelineSpec,
     file_list: str,
     batch_size: int,
-    seed: int,
+    randoms,
     augment: str,
     rrc_scale: tuple[float, float],
     rrc_ratio: tuple[float, float],
     hflip: bool,
 ) -> Pipeline:
-    size = spec.image_size
-    pipe = _pipeline(spec, batch_size, seed)
+    """The train graph over `file_list`. `randoms(iteration)` returns float32 (batch_size, RANDOMS) uniforms in
+    [0, 1), row i for the i-th file of that batch: every crop and flip comes from them, none from DALI's own
+    generators, so the pipeline's seed does not matter and a sample's augmentation is whatever the host keyed
+    its row on (the row's layout: RANDOMS)."""
+    if augment not in ("rrc", "pad-crop", "none"):
+        raise ValueError(f"expected data.augment in 'rrc', 'pad-crop', 'none', got {augment!r}")
+    pipe = _pipeline(spec, batch_size, seed=0)
     with pipe:
         jpegs, labels = _read(file_list)
-        mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
+        # Only the inputs this augmentation reads (DALI warns about unused outputs): rrc all three, pad-crop the
+        # anchors and the flip, none the flip.
+        used = {"rrc": (0, 1, 2), "pad-crop": (1, 2), "none": (2,)}[augment]
+        inputs = fn.external_source(
+            source=lambda info: [_host_params(randoms(info.iteration), rrc_scale, rrc_ratio, hflip)[i] for i in used],
+            num_outputs=len(used),
+            batch=True,
+            batch_info=True,
+            dtype=[(types.FLOAT, types.FLOAT, types.INT32)[i] for i in used],
+            ndim=[(1, 1, 0)[i] for i in used],
+        )
+        mirror = inputs[-1]
         if augment == "rrc":
-            images = fn.decoders.image_random_crop(
-                jpegs,
-                random_area=list(rrc_scale),
-                random_aspect_ratio=list(rrc_ratio),
-                num_attempts=10,
-                **_decoder_args(spec),
-            )
-            images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
-            images = _normalize(images, spec, mirror)
+            factors, anchors, _ = inputs
+            images = _normalize(_random_resized_crop(jpegs, factors, anchors, spec), spec, mirror)
         elif augment == "pad-crop":
-            pad = max(1, size // 8)
-            height_width = fn.cast(fn.peek_image_shape(jpegs, adjust_orientation=False)[0:2], dtype=types.FLOAT)
-            # torchvision RandomCrop on the padded image: top-left uniform in [0, H + 2·pad − size], in padded
-            # coordinates; shifted by −pad it becomes a slice start that may begin outside the image.
-            u = fn.random.uniform(range=[0.0, 1.0], shape=[2])
-            start = fn.cast(dmath.floor(u * (height_width + float(2 * pad - size + 1))), dtype=types.INT32) - pad
+            images = _normalize(_pad_crop(jpegs, inputs[0], spec), spec, mirror)
+        else:
             images = fn.decoders.image(jpegs, **_decoder_args(spec))
-            images = fn.slice(
-                images,
-                start,
-                [size, size],
-                axis_names="HW",
-                out_of_bounds_policy="pad",
-                fill_values=0,
-                normalized_anchor=False,
-                normalized_shape=False,
-            )
-            images = _normalize(images, spec, mirror)
-        elif augment == "none":
-            images = fn.decoders.image(jpegs, **_decoder_args(spec))
-            height, width = _resize_shorter(*_height_width(jpegs), size)
+            height, width = _resize_shorter(*_height_width(jpegs), spec.image_size)
             images = fn.resize(images, resize_y=height, resize_x=width, antialias=True)
             images = _normalize(images, spec, mirror, center_of=(height, width))
-        else:
-            raise ValueError(f"expected data.augment in 'rrc', 'pad-crop', 'none', got {augment!r}")
         pipe.set_outputs(images, _labels(labels, spec))
     return pipe
 
