@@ -229,47 +229,70 @@ def test_crops_change_with_epoch_and_seed_but_not_with_the_batch_size(noise_root
     assert len(shared) >= 15 and all(torch.equal(epoch0[i], bigger0[i]) for i in shared)
 
 
-def _reference_rrc(path, u, size: int, scale, ratio, hflip: bool) -> torch.Tensor:
-    """torchvision's crop + resize of the window the DALI graph must take for uniforms `u` (written out in float64
-    here), normalized with MEAN/STD: an independent reference for its position, extent and flip."""
+def _reference_rrc(path, u, size: int, scale, ratio, hflip: bool) -> tuple[torch.Tensor, int]:
+    """torchvision's RandomResizedCrop.get_params written out in float64 with the draws taken from the uniforms `u`
+    (layout: dali_pipelines.RANDOMS), then torchvision's crop + resize, flip and normalization with MEAN/STD: an
+    independent reference for the window's position, extent and flip. Also the try taken (RRC_TRIES: the fallback)."""
     import math
 
     import torchvision.transforms.v2.functional as F
 
+    from fastfit.data.dali_pipelines import ANCHORS, FLIP, RRC_TRIES, TRIES_FROM
+
     image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
     height, width = image.shape[1:]
-    area = (scale[0] + float(u[0]) * (scale[1] - scale[0])) * height * width
-    aspect = math.exp(math.log(ratio[0]) + float(u[1]) * (math.log(ratio[1]) - math.log(ratio[0])))
-    crop_w = min(max(math.floor(math.sqrt(area * aspect) + 0.5), 1), width)
-    crop_h = min(max(math.floor(math.sqrt(area / aspect) + 0.5), 1), height)
-    top, left = math.floor(float(u[2]) * (height - crop_h + 1)), math.floor(float(u[3]) * (width - crop_w + 1))
-    assert 0 <= top <= height - crop_h and 0 <= left <= width - crop_w  # the window lies inside the image
+    anchor_y, anchor_x = (float(v) for v in u[ANCHORS])
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for k in range(RRC_TRIES):
+        u_area, u_ratio = float(u[TRIES_FROM + 2 * k]), float(u[TRIES_FROM + 2 * k + 1])
+        area = height * width * (scale[0] + u_area * (scale[1] - scale[0]))
+        aspect = math.exp(log_ratio[0] + u_ratio * (log_ratio[1] - log_ratio[0]))
+        crop_w, crop_h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = math.floor(anchor_y * (height - crop_h + 1))  # torch.randint(0, height - h + 1)
+            left = math.floor(anchor_x * (width - crop_w + 1))
+            break
+    else:  # torchvision's fallback: centre crop of the whole image, its aspect clamped into the ratio range
+        if width / height < min(ratio):
+            crop_w, crop_h = width, round(width / min(ratio))
+        elif width / height > max(ratio):
+            crop_w, crop_h = round(height * max(ratio)), height
+        else:
+            crop_w, crop_h = width, height
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        k = RRC_TRIES
     out = F.resized_crop(image, top, left, crop_h, crop_w, [size, size], antialias=True).float() / 255
-    if hflip and u[4] < 0.5:
+    if hflip and u[FLIP] < 0.5:
         out = out.flip(-1)
-    return (out - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    return (out - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1), k
 
 
 @pytest.mark.parametrize(
-    ("scale", "ratio"),
-    [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.9, 1.0), (0.2, 5.0))],  # torchvision's default; windows that get clamped
+    ("scale", "ratio", "tries_taken"),
+    [
+        ((0.08, 1.0), (3 / 4, 4 / 3), {0, 1}),  # torchvision's default: a third of the first draws miss here
+        ((0.9, 1.0), (0.2, 5.0), {0, 1, 10}),  # few draws fit: later tries, some the centre fallback
+        ((0.95, 1.0), (4.0, 5.0), {10}),  # no window fits a 427×640 photo: always the fallback
+    ],
 )
-def test_random_resized_crop_takes_the_window_of_its_uniforms(photo_root, scale, ratio):
+def test_random_resized_crop_takes_torchvisions_window_for_its_uniforms(photo_root, scale, ratio, tries_taken):
     from fastfit.data.dali_pipelines import RANDOMS
     from fastfit.data.sample_random import sample_uniforms
 
     cfg = _cfg(photo_root, image_size=48, rrc_scale=list(scale), rrc_ratio=list(ratio))
     train, _, _ = build_dali_loaders(cfg, _env(), photo_root, batch_size=1, seed=7, channels_last=False)
-    flips = 0
+    flips, taken = 0, set()
     for epoch in range(6):
         for index, image in _by_sample(train, epoch).items():
             u = sample_uniforms(7, epoch, [index], RANDOMS)[0]
-            flips += bool(u[4] < 0.5)
-            expected = _reference_rrc(train.samples[index][0], u, 48, scale, ratio, hflip=True)
+            flips += bool(u[2] < 0.5)
+            expected, k = _reference_rrc(train.samples[index][0], u, 48, scale, ratio, hflip=True)
+            taken.add(min(k, 1) if k < 10 else k)  # first try, a later one, or the fallback
             # Same window: the resampling filters differ by ≈0.1 grey level on average here; a window moved by 1%
             # of the image differed by 0.8 to 6, a wrong flip by 20 to 70, when this test was written.
             assert (image - expected).abs().mean() < 0.4 / 255 / min(STD), (epoch, index)
     assert 0 < flips < 12
+    assert taken == tries_taken
 
 
 def test_train_sharding_matches_torchvision_and_one_rank_global_batches(constant_root):

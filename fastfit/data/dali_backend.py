@@ -10,9 +10,9 @@ Randomness of the crops and flips is a pure function of (seed, epoch, sample's d
 each sample's uniforms (fastfit/data/sample_random.py, a counter hash, no generator state) and feeds them to the
 graph with the file list's order; DALI's own generators are not used. So a resume from any (epoch, start_step)
 gives bitwise the batches of the uninterrupted epoch, and a 2-rank run's batches hold bitwise the pixels of a
-1-rank run's global batches. The random-resized-crop draws once and clamps a window that would not fit where
-torchvision redraws (see dali_pipelines.py): torchvision's distribution of windows except at the extremes of
-scale × ratio.
+1-rank run's global batches. The random-resized-crop follows torchvision's RandomResizedCrop (up to 10 window
+draws, then the centre fallback; see dali_pipelines.py): the same distribution of windows, not the same windows
+(the draws come from the hash, not torch's generator).
 
 Cost of exactness: one pipeline per epoch. Building it writes the file list (≈0.45 s per million files) and
 parses it in DALI (≈0.15 s per million), timed on the 2-core development machine: for ImageNet on one GPU

@@ -6,7 +6,7 @@ so one graph serves any epoch, rank or resume point. Outputs: images normalized 
 when the images are.
 
 Train augmentations, matching fastfit/data/torchvision_backend.py:
-  rrc       fused decode + random-resized-crop (ROI decode), resize to image_size × image_size
+  rrc       RandomResizedCrop's window (up to 10 draws, then its centre fallback), ROI decode, resize to image_size
   pad-crop  full decode, zero-pad by max(1, image_size // 8) and take a random image_size crop (like RandomCrop)
   none      resize the shorter side to image_size, center crop
 then an optional horizontal flip (p = 0.5) fused into crop_mirror_normalize. Their random numbers come from the
@@ -136,21 +136,26 @@ def _pipeline(spec: PipelineSpec, batch_size: int, seed: int) -> Pipeline:
 
 
 # Per-sample random numbers the host feeds to the train graph (see sample_random.py), one row per sample:
-RANDOMS = 5  # [area, log aspect ratio, anchor y, anchor x, flip]
+# [anchor y, anchor x, flip, then (area, log aspect ratio) for each of torchvision's RRC_TRIES window draws].
+RRC_TRIES = 10  # torchvision's RandomResizedCrop draws up to 10 windows, then falls back to a centre crop
+ANCHORS, FLIP, TRIES_FROM = slice(0, 2), 2, 3
+RANDOMS = TRIES_FROM + 2 * RRC_TRIES
 
 
 def _host_params(u: np.ndarray, scale: tuple[float, float], ratio: tuple[float, float], hflip: bool):
     """The graph's per-sample inputs from the uniforms `u` (B, RANDOMS), computed on the host where they do not need
     the image: DALI's arithmetic costs per operator and sample, so the graph keeps only what needs H and W.
-    Returns (extent factors [√(a/r), √(a·r)], anchor uniforms [y, x], mirror flags): area fraction a = lerp(scale)
-    and aspect r = exp(lerp(log ratio)), so the crop is factor · √(H·W) pixels high and wide."""
+    Returns (extent factors (RRC_TRIES, 2) [√(a/r), √(a·r)] per try, anchor uniforms [y, x], mirror flags): area
+    fraction a = lerp(scale) and aspect r = exp(lerp(log ratio)), as torchvision draws them, so try k's window is
+    factor_k · √(H·W) pixels high and wide."""
     u = u.astype(np.float64)
-    area = scale[0] + u[:, 0] * (scale[1] - scale[0])
+    tries = u[:, TRIES_FROM:].reshape(len(u), RRC_TRIES, 2)
+    area = scale[0] + tries[..., 0] * (scale[1] - scale[0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = np.exp(log_lo + u[:, 1] * (log_hi - log_lo))
-    factors = np.stack([np.sqrt(area / aspect), np.sqrt(area * aspect)], axis=1).astype(np.float32)
-    mirror = ((u[:, 4] < 0.5) & hflip).astype(np.int32)
-    return factors, u[:, 2:4].astype(np.float32), mirror
+    aspect = np.exp(log_lo + tries[..., 1] * (log_hi - log_lo))
+    factors = np.stack([np.sqrt(area / aspect), np.sqrt(area * aspect)], axis=-1).astype(np.float32)
+    mirror = ((u[:, FLIP] < 0.5) & hflip).astype(np.int32)
+    return factors, u[:, ANCHORS].astype(np.float32), mirror
 
 
 def _height_width_vector(jpegs):
@@ -158,16 +163,34 @@ def _height_width_vector(jpegs):
     return fn.cast(fn.peek_image_shape(jpegs, adjust_orientation=False)[0:2], dtype=types.FLOAT)
 
 
-def _random_resized_crop(jpegs, factors, anchors, spec: PipelineSpec):
-    """ROI decode of torchvision's RandomResizedCrop window, resized to image_size: height and width
-    round(factor · √(H·W)) pixels (torchvision's round(√(area / r)), round(√(area · r))), each clamped to [1, H] /
-    [1, W]; top-left uniform over the positions that fit, as in torchvision. One draw instead of torchvision's up
-    to 10 attempts: a window that would not fit is clamped to the image where torchvision would draw again (and
-    after 10 misses fall back to a centre crop), so the two differ only at the extremes of scale × ratio (e.g.
-    a ≥ 0.75 with a far-from-square ratio)."""
-    height_width = _height_width_vector(jpegs)
-    extent = dmath.clamp(dmath.floor(factors * dmath.sqrt(height_width[0] * height_width[1]) + 0.5), 1.0, height_width)
-    start = dmath.floor(anchors * (height_width - extent + 1))  # u < 1 in float32: never past H − h, W − w
+def _rrc_window(height_width, factors, anchors, ratio: tuple[float, float]):
+    """(start, extent) [y, x] of torchvision's RandomResizedCrop window: the first of the RRC_TRIES windows
+    round(factor_k · √(H·W)) that fits (1 ≤ h ≤ H, 1 ≤ w ≤ W), its top-left uniform over the positions that fit;
+    if none fits, the centre crop of the largest window within the ratio range (h = round(W / ratio_min) or
+    w = round(H · ratio_max), capped at the image), at ((H − h) // 2, (W − w) // 2). Vector arithmetic over all
+    tries and a few reductions, the same count of operators whatever the tries' outcome."""
+    extents = dmath.floor(factors * dmath.sqrt(height_width[0] * height_width[1]) + 0.5)  # (RRC_TRIES, 2)
+    # 1 ≤ e ≤ size ⇔ |2e − size − 1| ≤ size − 1, per axis; a try fits when both axes do.
+    axis_fits = fn.cast(dmath.abs(2 * extents - height_width - 1) <= height_width - 1, dtype=types.FLOAT)
+    fits = fn.reductions.min(axis_fits, axes=1)
+    tries = types.Constant(np.arange(RRC_TRIES, dtype=np.float32))
+    first = fn.reductions.min(tries + RRC_TRIES * (1 - fits))  # RRC_TRIES when no try fits
+    chosen = fn.reshape(fn.cast(tries == first, dtype=types.FLOAT), shape=[RRC_TRIES, 1])
+    drawn = fn.reductions.sum(extents * chosen, axes=0)  # zeros when no try fits
+    found = fn.cast(first < RRC_TRIES, dtype=types.FLOAT)
+    swapped = fn.stack(height_width[1], height_width[0])  # [W, H]
+    limits = types.Constant(np.array([1 / ratio[0], ratio[1]], dtype=np.float32))
+    fallback = dmath.min(height_width, dmath.floor(swapped * limits + 0.5))
+    extent = found * drawn + (1 - found) * fallback
+    room = height_width - extent
+    # u < 1 in float32: never past H − h, W − w
+    start = found * dmath.floor(anchors * (room + 1)) + (1 - found) * dmath.floor(room / 2)
+    return start, extent
+
+
+def _random_resized_crop(jpegs, factors, anchors, ratio: tuple[float, float], spec: PipelineSpec):
+    """ROI decode of torchvision's RandomResizedCrop window (_rrc_window), resized to image_size."""
+    start, extent = _rrc_window(_height_width_vector(jpegs), factors, anchors, ratio)
     images = fn.decoders.image_slice(
         jpegs,
         start=fn.cast(start, dtype=types.INT32),
@@ -226,12 +249,12 @@ def train_pipeline(
             batch=True,
             batch_info=True,
             dtype=[(types.FLOAT, types.FLOAT, types.INT32)[i] for i in used],
-            ndim=[(1, 1, 0)[i] for i in used],
+            ndim=[(2, 1, 0)[i] for i in used],
         )
         mirror = inputs[-1]
         if augment == "rrc":
             factors, anchors, _ = inputs
-            images = _normalize(_random_resized_crop(jpegs, factors, anchors, spec), spec, mirror)
+            images = _normalize(_random_resized_crop(jpegs, factors, anchors, rrc_ratio, spec), spec, mirror)
         elif augment == "pad-crop":
             images = _normalize(_pad_crop(jpegs, inputs[0], spec), spec, mirror)
         else:
