@@ -243,8 +243,13 @@ def train_pipeline(
         # Only the inputs this augmentation reads (DALI warns about unused outputs): rrc all three, pad-crop the
         # anchors and the flip, none the flip.
         used = {"rrc": (0, 1, 2), "pad-crop": (1, 2), "none": (2,)}[augment]
+
+        def source(info):  # once per batch: every output of the host's computation at once
+            params = _host_params(randoms(info.iteration), rrc_scale, rrc_ratio, hflip)
+            return [params[i] for i in used]
+
         inputs = fn.external_source(
-            source=lambda info: [_host_params(randoms(info.iteration), rrc_scale, rrc_ratio, hflip)[i] for i in used],
+            source=source,
             num_outputs=len(used),
             batch=True,
             batch_info=True,
