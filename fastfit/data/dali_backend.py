@@ -17,9 +17,10 @@ draws, then the centre fallback; see dali_pipelines.py): the same distribution o
 Cost of exactness: one pipeline per epoch. Building it writes the file list (≈0.45 s per million files) and
 parses it in DALI (≈0.15 s per million), timed on the 2-core development machine: for ImageNet on one GPU
 ≈0.6 s per ≈150 s epoch, on 8 GPUs ≈0.08 s per rank. (Passing the list as `files=` instead costs ≈2.2 s per
-million in DALI's argument handling.) The per-sample uniforms cost ≈0.15 s per million samples, a batch at a
-time. DALI's own sharding (`shard_id`/`num_shards`, `shuffle_after_epoch`) would avoid the rebuild but deals
-contiguous blocks, cannot start mid-epoch, and would not match the torchvision backend's order. Each epoch's
+million in DALI's argument handling.) The per-sample uniforms and crop factors cost ≈0.25 ms per batch of
+256 on the loop's thread (≈1 s per million samples). DALI's own sharding (`shard_id`/`num_shards`,
+`shuffle_after_epoch`) would avoid the rebuild but deals contiguous blocks, cannot start mid-epoch, and would not
+match the torchvision backend's order. Each epoch's
 first batch also waits for a fresh pipeline to fill its prefetch queue.
 
 Bad files. DALI 2.4's decoder can crash the process (SIGSEGV, no message) on a non-image or header-corrupt
