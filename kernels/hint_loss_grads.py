@@ -1,7 +1,7 @@
 """The hint loss backward's two GEMMs over D = dL/dP (M × Ct, written by hint_loss_tiles):
 
     dX = D·Wa + (X − μ)·G1 + g0      Wa = diag(a)·W; G1, g0 only for batch-statistics BatchNorm
-    DᵀX                               dW = diag(a)·DᵀX + (batch-statistics correction, added by the caller)
+    dW = diag(a)·DᵀX (+ diag(c1)·W·Gc − (a·Σ dP)·μᵀ)   in the same launch, the split-K partials finished in-kernel
 
 With batch statistics dY = a⊙dP + c1⊙(A − mean_A) − a⊙Σ_m dP / M, and A − mean_A = (X − μ)Wᵀ turns the middle term
 of dY·W into (X − μ)·Wᵀdiag(c1)W = (X − μ)·G1: a Cs × Cs matrix instead of a second M × Ct buffer.
@@ -20,11 +20,13 @@ from .hint_loss_common import (
     INTERPRET,
     fixed_meta,
     grouped_tile,
+    last_arrival,
     mma_mode,
     needs_int64,
     output_tile,
     row_offsets,
     split_rows,
+    tickets,
     tile_for,
     tuned,
     widen,
@@ -99,6 +101,12 @@ def _hint_dw_kernel(
     d_ptr,  # (M, Ct) D = dL/dP, row-major, bf16 for bf16 features else fp32
     s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
     part_ptr,  # fp32 partial sums, one slot per program (layout in the comment below)
+    scale_ptr,  # (Ct,) fp32 per-channel scale a (the forward's affine)
+    coef_ptr,  # (2, Ct) fp32 rows c1 and a·Σ dP (batch-statistics corrections, hint_loss_channels.channel_grads)
+    wg_ptr,  # (Ct, Cs) fp32 W·Gc of the forward (batch statistics)
+    mean_ptr,  # (Cs,) fp32 column mean μ of X (batch statistics)
+    dw_ptr,  # (Ct, Cs) out: dW in the weight's dtype, through its strides
+    ticket_ptr,  # one int32 ticket slot per output tile, zero at rest
     M,  # rows of X: N·H·W
     CS,  # student channels (GEMM K forward, N of dX)
     CT,  # regressor output channels
@@ -108,18 +116,25 @@ def _hint_dw_kernel(
     s_sc,  # … over C
     s_sh,  # … over H
     s_sw,  # … over W
+    dw_so,  # dW stride over output channels
+    dw_si,  # dW stride over input channels
     ROWS_PER_PROG,  # rows of M each split-K program reduces (a multiple of the row block)
+    SPLITS,  # split-K programs per output tile
     BLOCK_M: tl.constexpr,  # tile rows
     BLOCK_N: tl.constexpr,  # tile columns
     BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
     GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
+    BATCH_STATS: tl.constexpr,  # add the batch-statistics terms c1·(W·Gc) − (a·Σ dP)·μᵀ
     MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
     EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
     INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     # part[s] tile (BLOCK_M regressor channels, BLOCK_N student channels) = Σ_{m in split s} D[m, c]·X[m, k].
-    # The reduction runs over M, so it is split across program_id(1) for parallelism; torch sums the fp32 partials.
-    # Whole op: 2·M·Ct·Cs FLOPs; D and X read once per tile column/row (L2), splits·Ct·Cs fp32 written.
+    # The reduction runs over M, so it is split across program_id(1) for parallelism; the split that finishes a
+    # tile last adds the partials in split order (deterministic) and writes
+    #   dW = diag(a)·DᵀX (+ diag(c1)·W·Gc − (a·Σ dP)·μᵀ with batch statistics)
+    # in the weight's dtype. Whole op: 2·M·Ct·Cs FLOPs; D and X read once per tile column/row (L2), splits·Ct·Cs
+    # fp32 partials written and read back once.
     num_m = tl.cdiv(CT, BLOCK_M)
     num_n = tl.cdiv(CS, BLOCK_N)
     pid_c, pid_k = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -137,7 +152,23 @@ def _hint_dw_kernel(
         s_rows = row_offsets(rows, HW, W, s_sn, s_sh, s_sw)
         x = tl.load(s_ptr + s_rows[:, None] + ks[None, :] * s_sc, mask=r_ok[:, None] & ks_ok[None, :], other=0.0)
         acc = mma(tl.trans(d), x, acc, MODE, EMULATE)
-    tl.store(part_ptr + pid_s * CT * CS + cs[:, None] * CS + ks[None, :], acc, mask=cs_ok[:, None] & ks_ok[None, :])
+    ok = cs_ok[:, None] & ks_ok[None, :]
+    tile = cs[:, None] * CS + ks[None, :]
+    tl.store(part_ptr + pid_s * CT * CS + tile, acc, mask=ok)
+    if last_arrival(ticket_ptr + pid_c * num_n + pid_k, SPLITS):
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(0, SPLITS):
+            total += tl.load(part_ptr + s * CT * CS + tile, mask=ok, other=0.0, volatile=True)
+        dw = tl.load(scale_ptr + cs, mask=cs_ok, other=0.0)[:, None] * total
+        if BATCH_STATS:
+            c1 = tl.load(coef_ptr + cs, mask=cs_ok, other=0.0)
+            a_sum_d = tl.load(coef_ptr + CT + cs, mask=cs_ok, other=0.0)
+            mean = tl.load(mean_ptr + ks, mask=ks_ok, other=0.0)
+            wg = tl.load(wg_ptr + tile, mask=ok, other=0.0)
+            dw = dw + c1[:, None] * wg - a_sum_d[:, None] * mean[None, :]
+        tl.store(
+            dw_ptr + cs[:, None] * dw_so + ks[None, :] * dw_si, cast(dw, dw_ptr.dtype.element_ty, EMULATE), mask=ok
+        )
 
 
 _hint_dx = tuned(_hint_dx_kernel)
@@ -182,8 +213,17 @@ def hint_grad_student(
     return grad
 
 
-def hint_dt_x(d: Tensor, student: Tensor) -> Tensor:
-    """DᵀX as an fp32 (Ct, Cs) matrix."""
+def hint_grad_weight(
+    d: Tensor,
+    student: Tensor,
+    scale: Tensor,
+    coef: Tensor,
+    wg: Tensor | None,
+    mean: Tensor | None,
+    weight: Tensor,
+) -> Tensor:
+    """dW = diag(a)·DᵀX (+ diag(c1)·W·Gc − (a·Σ dP)·μᵀ when wg is given: batch statistics), shaped and typed like
+    `weight`, in one launch."""
     n, cs, h, w = student.shape
     m, ct = d.shape
     block_m, block_n = tile_for(d.dtype, d.device)
@@ -191,22 +231,34 @@ def hint_dt_x(d: Tensor, student: Tensor) -> Tensor:
     rows = split_rows(m, tiles, block_m, ct * cs, student.device)
     splits = triton.cdiv(m, rows)
     part = torch.empty((splits, ct, cs), device=d.device, dtype=torch.float32)
+    grad = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    out = grad.view(ct, cs)
+    batch_stats = wg is not None
     _hint_dw[(tiles, splits)](
         d,
         student,
         part,
+        scale,
+        coef,
+        wg if batch_stats else part,
+        mean if batch_stats else part,
+        out,
+        tickets(d.device, tiles),
         m,
         cs,
         ct,
         h * w,
         w,
         *student.stride(),
+        *out.stride(),
         rows,
+        splits,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        BATCH_STATS=batch_stats,
         MODE=mma_mode(d.dtype),
         EMULATE=INTERPRET,
         INDEX_64=needs_int64(d, student, part),
         **fixed_meta(),
     )
-    return part.sum(0)
+    return grad
