@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .hint_loss_channels import BATCH_STATS, CHANNEL_ROWS, NO_BN, RUNNING_STATS, channel_affine, channel_grads
 from .hint_loss_checks import check_hint_inputs, unpack_connector
-from .hint_loss_common import KIND_CODES, check_runnable
+from .hint_loss_common import check_runnable
 from .hint_loss_finalize import hint_loss_from_partials
 from .hint_loss_grads import hint_grad_student, hint_grad_weight
 from .hint_loss_stats import fp32_matmul, hint_moments
@@ -173,8 +173,8 @@ def _hint_loss_op(
     relu: bool,
     kind: str,
 ) -> tuple[Tensor, Tensor]:
-    """(loss, per-sample sums (S, N) fp64 kept for the backward). weight, bias, bn_weight and bn_bias are here for
-    their gradients; the forward reads w_lp and chan (hint_prepare)."""
+    """(loss, per-sample coefficients (2, N) fp32 kept for the backward). weight, bias, bn_weight and bn_bias are
+    here for their gradients; the forward reads w_lp and chan (hint_prepare)."""
     with _fp32_math(student.device):
         return _forward(student, teacher, w_lp, chan, relu, kind)
 
@@ -187,10 +187,9 @@ def _forward(student, teacher, w_lp, chan, relu, kind):
 
 @_hint_loss_op.register_fake
 def _(student, teacher, *rest):
-    kind = rest[-1]
     return (
         student.new_empty((), dtype=torch.float32),
-        student.new_empty((3 if kind == "normalized_l2" else 1, student.shape[0]), dtype=torch.float64),
+        student.new_empty((2, student.shape[0]), dtype=torch.float32),
     )
 
 
@@ -207,10 +206,9 @@ def _hint_loss_backward_op(
     w_lp: Tensor,
     chan: Tensor,
     wg: Tensor,
-    sums: Tensor,
+    coef: Tensor,
     bn_mode: int,
     relu: bool,
-    kind: str,
     need_student: bool,
     need_weight: bool,
     need_bias: bool,
@@ -230,10 +228,9 @@ def _hint_loss_backward_op(
             w_lp,
             chan,
             wg,
-            sums,
+            coef,
             bn_mode,
             relu,
-            kind,
             need_student,
             need_weight,
             need_bias,
@@ -253,10 +250,9 @@ def _backward_grads(
     w_lp,
     chan,
     wg,
-    sums,
+    coef,
     bn_mode,
     relu,
-    kind,
     need_student,
     need_weight,
     need_bias,
@@ -269,21 +265,22 @@ def _backward_grads(
     want_sums = batch or need_bias or (need_bn and bn_mode != NO_BN)
     grad_dtype = torch.bfloat16 if student.dtype == torch.bfloat16 else torch.float32
     d, col_part = hint_backward_dp(
-        student, teacher, w_lp, scale, shift, center, sums, grad, KIND_CODES[kind], relu, want_sums, grad_dtype
+        student, teacher, w_lp, scale, shift, center, coef, grad, relu, want_sums, grad_dtype
     )
     # One launch: the column sums' reduction, dγ, dβ, the bias gradient, c1, a·Σ dP, g0 and Wa = diag(a)·W.
     f32 = torch.float32
     dtypes = tuple(p.dtype if p is not None else f32 for p in (bn_bias, bn_weight, bias))
-    coef, d_beta, d_gamma, d_bias, weight_a, g0 = channel_grads(bn_mode, col_part, chan, w_lp, m, grad_dtype, dtypes)
+    bn_coef, d_beta, d_gamma, d_bias, weight_a, g0 = channel_grads(bn_mode, col_part, chan, w_lp, m, grad_dtype, dtypes)
+
     def none():  # a distinct empty per unwanted output: a custom op's outputs may not alias each other
         return student.new_empty((0,))
 
     d_student, d_weight = none(), none()
     if need_student:
-        g1 = fp32_matmul(w_lp.t(), w_lp, scale_k=coef[0]) if batch else None  # Wᵀ·diag(c1)·W
+        g1 = fp32_matmul(w_lp.t(), w_lp, scale_k=bn_coef[0]) if batch else None  # Wᵀ·diag(c1)·W
         d_student = hint_grad_student(d, weight_a, student, feature_mean, g1, g0 if batch else None)
     if need_weight:
-        d_weight = hint_grad_weight(d, student, scale, coef, wg if batch else None, feature_mean, weight)
+        d_weight = hint_grad_weight(d, student, scale, bn_coef, wg if batch else None, feature_mean, weight)
     d_bias = d_bias if need_bias else none()
     if not need_bn:
         d_gamma, d_beta = none(), none()
@@ -307,13 +304,13 @@ def _(grad, student, teacher, weight, bias, bn_weight, bn_bias, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, w_lp, chan, wg, bn_mode, relu, kind = inputs
-    _, sums = output
-    ctx.save_for_backward(student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, w_lp, chan, wg, sums)
-    ctx.config = (bn_mode, relu, kind)
+    student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, w_lp, chan, wg, bn_mode, relu, _kind = inputs
+    _, coef = output
+    ctx.save_for_backward(student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, w_lp, chan, wg, coef)
+    ctx.config = (bn_mode, relu)
 
 
-def _backward(ctx, grad_loss, _grad_sums):
+def _backward(ctx, grad_loss, _grad_coef):
     need = ctx.needs_input_grad
     need_bn = ctx.saved_tensors[4] is not None and (need[4] or need[5])
     grads = _hint_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.config, need[0], need[2], need[3], need_bn)

@@ -208,7 +208,9 @@ def tickets(device: torch.device, slots: int) -> torch.Tensor:
     key = (device.type, device.index)
     buffer = _TICKETS.get(key)
     if buffer is None or buffer.numel() < slots:
-        buffer = torch.zeros(max(slots, TICKET_SLOTS_MIN), dtype=torch.int32, device=device)
+        # meta (the AOT gate's capture): nothing to zero, and a one-time fill is not part of a launch's cost
+        make = torch.empty if device.type == "meta" else torch.zeros
+        buffer = make(max(slots, TICKET_SLOTS_MIN), dtype=torch.int32, device=device)
         _TICKETS[key] = buffer
     return buffer
 

@@ -1,4 +1,5 @@
-"""The hint loss from the forward GEMM's per-row partial sums, in one launch: per-sample sums, then the loss.
+"""The hint loss from the forward GEMM's per-row partial sums, in one launch: per-sample sums and the backward's
+per-sample coefficients, then the loss.
 
 The forward GEMM (hint_loss_tiles) leaves, per channel block j and row m, S partial sums (S = 3 for normalized L2:
 Σ Z², Σ Z·U, Σ U²; S = 1 otherwise: Σ (Z − U)²). One program per sample n adds its H·W rows over every channel block
@@ -25,6 +26,7 @@ FINALIZE_BLOCK = 32 if INTERPRET else 256  # rows (then samples) per step
 def _hint_loss_finalize_kernel(
     part_ptr,  # (S, NUM_N, M) fp32 per-row partial sums of the forward GEMM, one slot per channel block
     sums_ptr,  # (S, N) fp64 out: per-sample sums
+    coef_ptr,  # (2, N) fp32 out: per-sample α, β of dL/dZ = α·Z + β·U at an upstream gradient of 1
     loss_ptr,  # (1,) fp32 out: the loss
     ticket_ptr,  # one int32 ticket slot, zero at rest
     M,  # rows: N·H·W
@@ -51,10 +53,30 @@ def _hint_loss_finalize_kernel(
             if S == 3:
                 acc1 += tl.load(part_ptr + (NUM_N + j) * m + rows, mask=ok, other=0.0).to(tl.float64)
                 acc2 += tl.load(part_ptr + (2 * NUM_N + j) * m + rows, mask=ok, other=0.0).to(tl.float64)
-    tl.store(sums_ptr + n, tl.sum(acc0, axis=0))
-    if S == 3:
-        tl.store(sums_ptr + NSAMPLES + n, tl.sum(acc1, axis=0))
-        tl.store(sums_ptr + 2 * NSAMPLES + n, tl.sum(acc2, axis=0))
+    yy = tl.sum(acc0, axis=0)
+    tl.store(sums_ptr + n, yy)
+    # The backward's coefficients (it multiplies them by the upstream gradient):
+    #   half_sq  α = −β = 1/N      mse  α = −β = 2/(M·Ct)
+    #   normalized_l2  α = 2(y·u)/(N‖y‖³‖u‖) (2/(N·ε²) when ‖y‖ < ε: the clamp blocks the norm's gradient),
+    #                  β = −2/(N‖y‖‖u‖), norms clamped at ε
+    if KIND == 2:
+        yu = tl.sum(acc1, axis=0)
+        uu = tl.sum(acc2, axis=0)
+        tl.store(sums_ptr + NSAMPLES + n, yu)
+        tl.store(sums_ptr + 2 * NSAMPLES + n, uu)
+        ny = tl.sqrt(yy)
+        nyc = tl.maximum(ny, EPS)
+        nu = tl.maximum(tl.sqrt(uu), EPS)
+        alpha = tl.where(ny >= EPS, 2.0 * yu / (NSAMPLES * nyc * nyc * nyc * nu), 2.0 / (NSAMPLES * nyc * nyc))
+        beta = -2.0 / (NSAMPLES * nyc * nu)
+    else:
+        if KIND == 0:
+            alpha = 1.0 / (NSAMPLES + m * 0).to(tl.float64)
+        else:
+            alpha = 2.0 / (m.to(tl.float64) * CT)
+        beta = -alpha
+    tl.store(coef_ptr + n, alpha.to(tl.float32))
+    tl.store(coef_ptr + NSAMPLES + n, beta.to(tl.float32))
     if last_arrival(ticket_ptr, NSAMPLES):
         total = tl.zeros((BLOCK,), dtype=tl.float64)
         for n0 in range(0, NSAMPLES, BLOCK):
@@ -80,13 +102,16 @@ def _hint_loss_finalize_kernel(
 
 
 def hint_loss_from_partials(part: Tensor, kind: str, n: int, hw: int, ct: int) -> tuple[Tensor, Tensor]:
-    """(0-dim fp32 loss, (S, N) fp64 per-sample sums) from the forward's (S, NUM_N, M) partials."""
+    """(0-dim fp32 loss, (2, N) fp32 per-sample backward coefficients α, β at an upstream gradient of 1) from the
+    forward's (S, NUM_N, M) partials."""
     s, num_n, m = part.shape
     sums = torch.empty((s, n), device=part.device, dtype=torch.float64)
+    coef = torch.empty((2, n), device=part.device, dtype=torch.float32)
     loss = torch.empty((), device=part.device, dtype=torch.float32)
     _hint_loss_finalize_kernel[(n,)](
         part,
         sums,
+        coef,
         loss,
         tickets(part.device, 1),
         m,
@@ -100,4 +125,4 @@ def hint_loss_from_partials(part: Tensor, kind: str, n: int, hw: int, ct: int) -
         BLOCK=FINALIZE_BLOCK,
         num_warps=4,
     )
-    return loss, sums
+    return loss, coef

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from .hint_loss_common import (
     INTERPRET,
-    NORM_EPS,
     check_runnable,
     fixed_meta,
     mma_mode,
@@ -124,35 +123,6 @@ def _tile(
 
 
 @triton.jit
-def _sample_coefficients(sums_ptr, grad_ptr, sample, rows_ok, M, CT, NSAMPLES, KIND: tl.constexpr, EPS: tl.constexpr):
-    """Per row, (α, β) of dL/dZ = α·Z + β·U for the row's sample, the upstream gradient g folded in, computed in
-    float64 from the forward's sample sums and rounded to fp32 (0 on padded rows):
-        half_sq  α = −β = g/N      mse  α = −β = 2g/(M·Ct)
-        normalized_l2  α = 2(y·u)/(N‖y‖³‖u‖)·g (2/(N·ε²)·g when ‖y‖ < ε: the clamp blocks the norm's gradient),
-                       β = −2/(N‖y‖‖u‖)·g, norms clamped at ε"""
-    g = tl.load(grad_ptr).to(tl.float64)
-    if KIND == 2:
-        yy = tl.load(sums_ptr + sample, mask=rows_ok, other=1.0)
-        yu = tl.load(sums_ptr + NSAMPLES + sample, mask=rows_ok, other=0.0)
-        uu = tl.load(sums_ptr + 2 * NSAMPLES + sample, mask=rows_ok, other=1.0)
-        ny = tl.sqrt(yy)
-        nyc = tl.maximum(ny, EPS)
-        nu = tl.maximum(tl.sqrt(uu), EPS)
-        alpha = tl.where(ny >= EPS, 2.0 * yu / (NSAMPLES * nyc * nyc * nyc * nu), 2.0 / (NSAMPLES * nyc * nyc)) * g
-        beta = -2.0 / (NSAMPLES * nyc * nu) * g
-    else:
-        if KIND == 0:
-            a = g / NSAMPLES
-        else:
-            a = 2.0 * g / ((M + sample * 0).to(tl.float64) * CT)
-        alpha = tl.zeros(sample.shape, dtype=tl.float64) + a
-        beta = -alpha
-    alpha = tl.where(rows_ok, alpha, 0.0).to(tl.float32)
-    beta = tl.where(rows_ok, beta, 0.0).to(tl.float32)
-    return alpha, beta
-
-
-@triton.jit
 def _hint_fwd_kernel(
     s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
     t_ptr,  # (N, Ct, H, W) teacher feature U, the student's dtype, any strides
@@ -242,7 +212,7 @@ def _hint_bwd_dp_kernel(
     scale_ptr,  # (Ct,) fp32 per-channel scale a of P = A·a + e (bias and BatchNorm folded)
     shift_ptr,  # (Ct,) fp32 per-channel shift e
     center_ptr,  # (Ct,) fp32 BatchNorm centre of A (mean_A, or running mean − bias)
-    sums_ptr,  # (S, N) fp64 per-sample loss sums of the forward (hint_loss_finalize)
+    coef_ptr,  # (2, N) fp32 per-sample α, β of the forward (hint_loss_finalize), for an upstream gradient of 1
     grad_ptr,  # () fp32 upstream gradient of the loss
     d_ptr,  # (M, Ct) D = dL/dP, row-major, bf16 for bf16 features else fp32
     part_ptr,  # fp32 partial sums, one slot per program (layout in the comment below)
@@ -268,8 +238,6 @@ def _hint_bwd_dp_kernel(
     GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
     RELU: tl.constexpr,  # Z = relu(P) (else Z = P)
     SUMS: tl.constexpr,  # also the column sums Σ dP, Σ dP·(A − centre) for BatchNorm and bias gradients
-    KIND: tl.constexpr,  # 0 half_sq, 1 mse, 2 normalized_l2 (hint_loss_finalize.KIND_CODES)
-    EPS: tl.constexpr,  # norm clamp of normalized L2
     MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
     EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
     INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
@@ -312,7 +280,10 @@ def _hint_bwd_dp_kernel(
     z = p
     if RELU:
         z = tl.maximum(p, 0.0)
-    alpha, beta = _sample_coefficients(sums_ptr, grad_ptr, rows // HW, rows_ok, M, CT, NSAMPLES, KIND, EPS)
+    sample = rows // HW
+    g = tl.load(grad_ptr)
+    alpha = tl.load(coef_ptr + sample, mask=rows_ok, other=0.0) * g
+    beta = tl.load(coef_ptr + NSAMPLES + sample, mask=rows_ok, other=0.0) * g
     dp = alpha[:, None] * z + beta[:, None] * u
     if RELU:
         dp = tl.where(p > 0.0, dp, 0.0)
@@ -389,15 +360,14 @@ def hint_backward_dp(
     scale: Tensor,
     shift: Tensor,
     center: Tensor,
-    loss_sums: Tensor,
+    coef: Tensor,
     grad: Tensor,
-    kind: int,
     relu: bool,
     sums: bool,
     grad_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor | None]:
-    """D = dL/dP as an (M, Ct) matrix of grad_dtype (coefficients from the forward's (S, N) fp64 sample sums
-    `loss_sums`, the 0-dim upstream gradient `grad` and the loss `kind` code, hint_loss_finalize.KIND_CODES), and when
+    """D = dL/dP as an (M, Ct) matrix of grad_dtype (the forward's per-sample coefficients `coef` (2, N) times the
+    0-dim upstream gradient `grad`), and when
     sums the (2, row blocks, Ct) fp32 column partial sums
     of dP and dP·(A − center) (hint_loss_channels.channel_grads reduces them)."""
     n = student.shape[0]
@@ -415,7 +385,7 @@ def hint_backward_dp(
         scale,
         shift,
         center,
-        loss_sums,
+        coef,
         grad,
         d,
         part,
@@ -426,8 +396,6 @@ def hint_backward_dp(
         BLOCK_N=block_n,
         RELU=relu,
         SUMS=sums,
-        KIND=kind,
-        EPS=NORM_EPS,
         MODE=mma_mode(student.dtype),
         EMULATE=INTERPRET,
         INDEX_64=needs_int64(student, teacher, d, part),

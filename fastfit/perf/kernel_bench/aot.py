@@ -124,12 +124,17 @@ def _hint_calls(n, cs, ct, h, w, dtype):
     student = torch.empty(n, cs, h, w, dtype=dtype, memory_format=torch.channels_last, **meta)
     teacher = torch.empty(n, ct, h, w, dtype=dtype, memory_format=torch.channels_last, **meta)
     weight = torch.empty(ct, cs, 1, 1, **meta)
-    bias, gamma, beta = (torch.empty(ct, **meta) for _ in range(3))
+    bias, gamma, beta, running_mean, running_var = (torch.empty(ct, **meta) for _ in range(5))
+    count = torch.empty((), dtype=torch.int64, **meta)
     mean, gram = feature_moments(student)
-    args = (student, teacher, weight, bias, gamma, beta, mean, gram, None, None)
-    _, chan, wg, sums = hl._forward(*args, 1e-5, hl.BATCH_STATS, True, "normalized_l2")
-    config = (1e-5, hl.BATCH_STATS, True, "normalized_l2", True, True, True, True)
-    hl._backward_grads(torch.empty((), **meta), *args, chan, wg, sums, *config)
+    params = (weight, bias, gamma, beta)
+    w_lp, chan, wg = hl._prepare(
+        *params, mean, gram, None, None, running_mean, running_var, count, 0.1, 1e-5, hl.BATCH_STATS, n * h * w, dtype
+    )
+    _, coef = hl._forward(student, teacher, w_lp, chan, True, "normalized_l2")
+    grads = (True, True, True, True)
+    args = (student, teacher, *params, mean, w_lp, chan, wg, coef, hl.BATCH_STATS, True, *grads)
+    hl._backward_grads(torch.empty((), **meta), *args)
 
 
 def _kd_calls(n, c, dtype):

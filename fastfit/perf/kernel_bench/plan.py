@@ -147,15 +147,6 @@ def _gate_op(op: str) -> str:
     return op.rsplit(" ", 1)[0] if op.startswith("kd_objective") else op
 
 
-def _running_stats_update(shape):
-    from fastfit.kernels.hint_loss import _update
-
-    ct = shape[2]
-    meta = {"device": "meta"}
-    stats = [torch.empty(ct, **meta) for _ in range(4)]
-    _update(stats[0], stats[1], torch.empty((), dtype=torch.int64, **meta), stats[2], stats[3], 0.1, 2)
-
-
 def plan(ops: list[str] | None = None, workers: int = 2) -> dict[str, Any]:
     """Model every op of the gate (sm_90a compilation) and return rows for the table and the JSON."""
     launches = aot.capture(90)
@@ -173,8 +164,6 @@ def plan(ops: list[str] | None = None, workers: int = 2) -> dict[str, Any]:
         counter = _TorchLaunches()
         with aot._recording(records), counter:
             fn(*args)
-            if op.startswith("hint"):
-                _running_stats_update(shape)
         sites = _sites([x for x in wanted if x.op == _gate_op(op)])
         fast = op.endswith(" fast")
         seconds = {name: 0.0 for name in CEILINGS}
