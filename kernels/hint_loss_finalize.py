@@ -86,9 +86,11 @@ def _hint_loss_finalize_kernel(
             if KIND == 2:
                 s1 = tl.load(sums_ptr + NSAMPLES + ns, mask=ok, other=0.0, volatile=True)
                 s2 = tl.load(sums_ptr + 2 * NSAMPLES + ns, mask=ok, other=0.0, volatile=True)
-                ny = tl.maximum(tl.sqrt(s0), EPS)
-                nu = tl.maximum(tl.sqrt(s2), EPS)
-                total += tl.where(ok, s0 / (ny * ny) - 2.0 * s1 / (ny * nu) + s2 / (nu * nu), 0.0)
+                norm_y = tl.maximum(tl.sqrt(s0), EPS)
+                norm_u = tl.maximum(tl.sqrt(s2), EPS)
+                total += tl.where(
+                    ok, s0 / (norm_y * norm_y) - 2.0 * s1 / (norm_y * norm_u) + s2 / (norm_u * norm_u), 0.0
+                )
             else:
                 total += s0
         loss = tl.sum(total, axis=0)
