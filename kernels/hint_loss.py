@@ -37,10 +37,9 @@ from torch import Tensor, nn
 from .hint_loss_channels import BATCH_STATS, CHANNEL_ROWS, NO_BN, RUNNING_STATS, channel_affine, channel_grads
 from .hint_loss_checks import check_hint_inputs, unpack_connector
 from .hint_loss_common import check_runnable
-from .hint_loss_finalize import hint_loss_from_partials
 from .hint_loss_grads import hint_grad_student, hint_grad_weight
 from .hint_loss_stats import fp32_matmul, hint_moments
-from .hint_loss_tiles import hint_backward_dp, hint_forward_sums
+from .hint_loss_tiles import hint_backward_dp, hint_forward_loss
 
 
 def _fp32_math(device: torch.device):
@@ -180,9 +179,7 @@ def _hint_loss_op(
 
 
 def _forward(student, teacher, w_lp, chan, relu, kind):
-    n, _, h, w = student.shape
-    part = hint_forward_sums(student, teacher, w_lp, chan[0], chan[1], relu, kind == "normalized_l2")
-    return hint_loss_from_partials(part, kind, n, h * w, teacher.shape[1])
+    return hint_forward_loss(student, teacher, w_lp, chan[0], chan[1], relu, kind)
 
 
 @_hint_loss_op.register_fake
