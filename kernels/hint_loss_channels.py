@@ -240,31 +240,89 @@ def _hint_channel_grads_kernel(
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_CS: tl.constexpr,  # student channels per step
 ):
-    # Reads 2·R·Ct partials, W; writes 5·Ct values and Wa. With batch statistics
-    #   c1 = −a·r²·Σ dP·(A − mean_A)/M   (dY's term along A − mean_A, see hint_loss.py)
-    #   g0 = −Σ_c (a·Σ dP)_c·W[c, :]/M  (a reduction over every program's channels: the last one finishes it)
-    # and the bias gradient is 0; otherwise it is Σ dP (no BatchNorm) or a·Σ dP (running statistics).
-    G0: tl.constexpr = MODE == 1 and SUMS
+    # Reads 2·R·Ct partials, W; writes 5·Ct values and Wa (finish_channels).
     pid = tl.program_id(0)
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < CT
-    scale = tl.load(chan_ptr + cols, mask=ok, other=0.0)
+    sum_d = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sum_dx = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if SUMS:
-        sum_d = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        sum_dx = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for r in range(0, R):
             sum_d += tl.load(part_ptr + r * CT + cols, mask=ok, other=0.0)
             sum_dx += tl.load(part_ptr + (R + r) * CT + cols, mask=ok, other=0.0)
+    finish_channels(
+        pid,
+        tl.num_programs(0),
+        cols,
+        ok,
+        sum_d,
+        sum_dx,
+        chan_ptr,
+        w_ptr,
+        coef_ptr,
+        dbeta_ptr,
+        dgamma_ptr,
+        dbias_ptr,
+        wa_ptr,
+        g0_part_ptr,
+        g0_ptr,
+        ticket_ptr,
+        CT,
+        CS,
+        inv_m,
+        MODE,
+        SUMS,
+        EMULATE,
+        BLOCK_CS,
+    )
+
+
+@triton.jit
+def finish_channels(
+    pid,  # this program's index among the `programs` that share the g0 reduction
+    programs,
+    cols,  # (BLOCK_C,) the regressor channels this program finishes
+    ok,  # cols < Ct
+    sum_d,  # (BLOCK_C,) fp32 Σ_m dP over every row (SUMS)
+    sum_dx,  # (BLOCK_C,) fp32 Σ_m dP·(A − center) over every row (SUMS)
+    chan_ptr,  # (6, Ct) fp32 per-channel rows of the forward: a, e, center, r, mean_A, var_A
+    w_ptr,  # (Ct, Cs) regressor weight in the feature dtype, row-major
+    coef_ptr,  # (2, Ct) fp32 out: c1, a·Σ dP
+    dbeta_ptr,  # (Ct,) out: dβ = Σ dP, in its own dtype
+    dgamma_ptr,  # (Ct,) out: dγ = r·Σ dP·(A − center)
+    dbias_ptr,  # (Ct,) out: the conv bias gradient
+    wa_ptr,  # (Ct, Cs) out: Wa = diag(a)·W in the grad dtype, row-major
+    g0_part_ptr,  # (programs, Cs) fp32 scratch: each program's share of g0 (batch statistics)
+    g0_ptr,  # (Cs,) fp32 out: g0 = −Wᵀ(a·Σ dP)/M, dX's constant batch-statistics term
+    ticket_ptr,  # one int32 ticket slot, zero at rest (g0's reduction)
+    CT,  # regressor output channels
+    CS,  # student channels
+    inv_m,  # 1 / M
+    MODE: tl.constexpr,  # NO_BN 0, BATCH_STATS 1, RUNNING_STATS 2
+    SUMS: tl.constexpr,  # the column sums exist (BatchNorm or bias gradients wanted)
+    EMULATE: tl.constexpr,  # interpreter: round to the grad dtype as the GPU does
+    BLOCK_CS: tl.constexpr,  # student channels per step
+):
+    """The backward's per-channel math for `cols` once their column sums are complete; returns (c1, a·Σ dP). With
+    batch statistics
+        c1 = −a·r²·Σ dP·(A − mean_A)/M   (dY's term along A − mean_A, see hint_loss.py)
+        g0 = −Σ_c (a·Σ dP)_c·W[c, :]/M  (a reduction over every program's channels: the last one finishes it)
+    and the bias gradient is 0; otherwise it is Σ dP (no BatchNorm) or a·Σ dP (running statistics)."""
+    G0: tl.constexpr = MODE == 1 and SUMS
+    scale = tl.load(chan_ptr + cols, mask=ok, other=0.0)
+    c1 = tl.zeros(cols.shape, dtype=tl.float32)
+    a_sum_d = scale * sum_d
+    if SUMS:
         rstd = tl.load(chan_ptr + 3 * CT + cols, mask=ok, other=0.0)
         c1 = -scale * rstd * rstd * sum_dx * inv_m
         if MODE == 1:
-            d_bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            d_bias = tl.zeros(cols.shape, dtype=tl.float32)
         elif MODE == 0:
             d_bias = sum_d
         else:
-            d_bias = scale * sum_d
+            d_bias = a_sum_d
         tl.store(coef_ptr + cols, c1, mask=ok)
-        tl.store(coef_ptr + CT + cols, scale * sum_d, mask=ok)
+        tl.store(coef_ptr + CT + cols, a_sum_d, mask=ok)
         tl.store(dbeta_ptr + cols, cast(sum_d, dbeta_ptr.dtype.element_ty, EMULATE), mask=ok)
         tl.store(dgamma_ptr + cols, cast(rstd * sum_dx, dgamma_ptr.dtype.element_ty, EMULATE), mask=ok)
         tl.store(dbias_ptr + cols, cast(d_bias, dbias_ptr.dtype.element_ty, EMULATE), mask=ok)
@@ -278,9 +336,8 @@ def _hint_channel_grads_kernel(
             mask=m2,
         )
         if G0:
-            tl.store(g0_part_ptr + pid * CS + ks, tl.sum((scale * sum_d)[:, None] * w, axis=0), mask=ks < CS)
+            tl.store(g0_part_ptr + pid * CS + ks, tl.sum(a_sum_d[:, None] * w, axis=0), mask=ks < CS)
     if G0:
-        programs = tl.num_programs(0)
         if last_arrival(ticket_ptr, programs):
             for k0 in range(0, CS, BLOCK_CS):
                 ks = k0 + tl.arange(0, BLOCK_CS)
@@ -288,6 +345,7 @@ def _hint_channel_grads_kernel(
                 for p in range(0, programs):
                     g0 += tl.load(g0_part_ptr + p * CS + ks, mask=ks < CS, other=0.0, volatile=True)
                 tl.store(g0_ptr + ks, -g0 * inv_m, mask=ks < CS)
+    return c1, a_sum_d
 
 
 def channel_grads(
