@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from .hint_loss_channels import BATCH_STATS, CHANNEL_ROWS, NO_BN, RUNNING_STATS, channel_affine, channel_grads
 from .hint_loss_checks import check_hint_inputs, unpack_connector
 from .hint_loss_common import check_runnable
+from .hint_loss_fused_bwd import fused_backward_fits, hint_backward_fused
 from .hint_loss_grads import hint_grad_student, hint_grad_weight
 from .hint_loss_stats import fp32_matmul, hint_moments
 from .hint_loss_tiles import hint_backward_dp, hint_forward_loss
@@ -261,23 +262,48 @@ def _backward_grads(
     batch = bn_mode == BATCH_STATS
     want_sums = batch or need_bias or (need_bn and bn_mode != NO_BN)
     grad_dtype = torch.bfloat16 if student.dtype == torch.bfloat16 else torch.float32
-    d, col_part = hint_backward_dp(
-        student, teacher, w_lp, scale, shift, center, coef, grad, relu, want_sums, grad_dtype
-    )
-    # One launch: the column sums' reduction, dγ, dβ, the bias gradient, c1, a·Σ dP, g0 and Wa = diag(a)·W.
     f32 = torch.float32
     dtypes = tuple(p.dtype if p is not None else f32 for p in (bn_bias, bn_weight, bias))
-    bn_coef, d_beta, d_gamma, d_bias, weight_a, g0 = channel_grads(bn_mode, col_part, chan, w_lp, m, grad_dtype, dtypes)
 
     def none():  # a distinct empty per unwanted output: a custom op's outputs may not alias each other
         return student.new_empty((0,))
 
     d_student, d_weight = none(), none()
+    if fused_backward_fits(cs):
+        # One launch: D, its column sums, DᵀX, the per-channel gradients, Wa, g0 and dW (hint_loss_fused_bwd).
+        d, bn_coef, d_beta, d_gamma, d_bias, weight_a, g0, dw = hint_backward_fused(
+            student,
+            teacher,
+            w_lp,
+            chan,
+            coef,
+            grad,
+            wg if batch else None,
+            feature_mean,
+            weight,
+            bn_mode,
+            relu,
+            want_sums,
+            need_student,
+            need_weight,
+            grad_dtype,
+            dtypes,
+        )
+        if need_weight:
+            d_weight = dw
+    else:
+        d, col_part = hint_backward_dp(
+            student, teacher, w_lp, scale, shift, center, coef, grad, relu, want_sums, grad_dtype
+        )
+        # One launch: the column sums' reduction, dγ, dβ, the bias gradient, c1, a·Σ dP, g0 and Wa = diag(a)·W.
+        bn_coef, d_beta, d_gamma, d_bias, weight_a, g0 = channel_grads(
+            bn_mode, col_part, chan, w_lp, m, grad_dtype, dtypes
+        )
+        if need_weight:
+            d_weight = hint_grad_weight(d, student, scale, bn_coef, wg if batch else None, feature_mean, weight)
     if need_student:
         g1 = fp32_matmul(w_lp.t(), w_lp, scale_k=bn_coef[0]) if batch else None  # Wᵀ·diag(c1)·W
         d_student = hint_grad_student(d, weight_a, student, feature_mean, g1, g0 if batch else None)
-    if need_weight:
-        d_weight = hint_grad_weight(d, student, scale, bn_coef, wg if batch else None, feature_mean, weight)
     d_bias = d_bias if need_bias else none()
     if not need_bn:
         d_gamma, d_beta = none(), none()

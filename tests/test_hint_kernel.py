@@ -242,6 +242,26 @@ def test_matches_reference_resnet_like_shape():
     _check_once(shape="resnet_like", kind="normalized_l2", bn="train", grad_scale=10.0)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"kind": "normalized_l2", "bn": "train"},
+        {"kind": "half_sq", "bn": "eval", "relu": False},
+        {"kind": "mse", "bn": None},
+        {"shape": "resnet_like", "bn": "train", "grad_scale": 10.0},
+        {"shape": "wide_odd", "dtype": torch.bfloat16, "kind": "normalized_l2"},
+    ],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_split_backward_matches_reference_too(case, monkeypatch):
+    """Student channels above FUSED_MAX_CS (ResNet layer4's 512) take the split backward: dP, channel and dW
+    kernels of their own. The tests' small shapes take the fused one, so force the split path here."""
+    from fastfit.kernels import hint_loss_fused_bwd
+
+    monkeypatch.setattr(hint_loss_fused_bwd, "FUSED_MAX_CS", 0)
+    _check_once(**case)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", HINT_KINDS)
 def test_matches_reference_16bit(kind, dtype):
