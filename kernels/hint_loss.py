@@ -269,7 +269,7 @@ def _backward_grads(
         return student.new_empty((0,))
 
     d_student, d_weight = none(), none()
-    if fused_backward_fits(cs):
+    if fused_backward_fits(cs, grad_dtype, student.device):
         # One launch: D, its column sums, DᵀX, the per-channel gradients, Wa, g0 and dW (hint_loss_fused_bwd).
         d, bn_coef, d_beta, d_gamma, d_bias, weight_a, g0, dw = hint_backward_fused(
             student,

@@ -32,7 +32,14 @@ from .hint_loss_tiles import _regress_tile
 from .rounding import cast, mma
 
 FUSED_MAX_CS = 256  # DᵀX accumulates BLOCK_N × Cs fp32 in registers: 64 per thread at 256 threads and BLOCK_N 64
-FUSED_BLOCK_M, FUSED_BLOCK_N, FUSED_BLOCK_K = (16, 16, 16) if INTERPRET else (64, 64, 64)
+# Where the fused pass runs: bf16 D on sm_90 (wgmma reads the operands from shared memory). fp32 D (fp32 and fp16
+# features, 3×TF32 for DᵀX) and sm_80's register-held mma.sync operands spill at every tile that keeps the GPU busy
+# (ptxas), so those take the split path.
+FUSED_GRAD_DTYPES = (torch.bfloat16,)
+FUSED_MIN_MAJOR = 9
+FUSED_TILE = (64, 64, 32)  # BLOCK_M, BLOCK_N, BLOCK_K: 254 registers, no spill on sm_90a
+INTERPRET_TILE = (16, 16, 16)
+FUSED_STAGES = 2  # a third pipeline stage spills the bf16 tile's registers (ptxas, sm_90a)
 FUSED_WARPS = 4 if INTERPRET else 8
 CHUNKS_PER_SM = 1  # row chunks × channel blocks ≈ one program per SM per channel block group
 
@@ -82,6 +89,7 @@ def _hint_bwd_fused_kernel(
     BLOCK_N: tl.constexpr,  # regressor channels per program
     BLOCK_K: tl.constexpr,  # K step of the A GEMM
     BLOCK_CS: tl.constexpr,  # Cs rounded up to a power of two (the DᵀX accumulator's width)
+    FINISH_CS: tl.constexpr,  # student channels per slice of dW's finish
     RELU: tl.constexpr,  # Z = relu(P)
     BN_MODE: tl.constexpr,  # NO_BN 0, BATCH_STATS 1, RUNNING_STATS 2
     SUMS: tl.constexpr,  # column sums wanted (BatchNorm or bias gradients)
@@ -188,27 +196,34 @@ def _hint_bwd_fused_kernel(
             BN_MODE,
             SUMS,
             EMULATE,
-            BLOCK_CS,
+            FINISH_CS,
         )
         if WANT_DW:
-            total = tl.zeros((BLOCK_N, BLOCK_CS), dtype=tl.float32)
-            for c in range(0, CHUNKS):
-                total += tl.load(dw_part_ptr + c * CT * CS + tile, mask=tile_ok, other=0.0, volatile=True)
-            dw = scale[:, None] * total
-            if BN_MODE == 1:
-                mean = tl.load(mean_ptr + ks, mask=ks_ok, other=0.0)
-                wg = tl.load(wg_ptr + tile, mask=tile_ok, other=0.0)
-                dw = dw + c1[:, None] * wg - a_sum_d[:, None] * mean[None, :]
-            tl.store(
-                dw_ptr + cols[:, None] * dw_so + ks[None, :] * dw_si,
-                cast(dw, dw_ptr.dtype.element_ty, EMULATE),
-                mask=tile_ok,
-            )
+            # In column slices: the accumulator is gone, and a whole BLOCK_N × Cs slab of partials would spill.
+            for k0 in range(0, CS, FINISH_CS):
+                kk = k0 + tl.arange(0, FINISH_CS)
+                kk_ok = kk < CS
+                part = cols[:, None] * CS + kk[None, :]
+                part_ok = cols_ok[:, None] & kk_ok[None, :]
+                total = tl.zeros((BLOCK_N, FINISH_CS), dtype=tl.float32)
+                for c in range(0, CHUNKS):
+                    total += tl.load(dw_part_ptr + c * CT * CS + part, mask=part_ok, other=0.0, volatile=True)
+                dw = scale[:, None] * total
+                if BN_MODE == 1:
+                    mean = tl.load(mean_ptr + kk, mask=kk_ok, other=0.0)
+                    wg = tl.load(wg_ptr + part, mask=part_ok, other=0.0)
+                    dw = dw + c1[:, None] * wg - a_sum_d[:, None] * mean[None, :]
+                tl.store(
+                    dw_ptr + cols[:, None] * dw_so + kk[None, :] * dw_si,
+                    cast(dw, dw_ptr.dtype.element_ty, EMULATE),
+                    mask=part_ok,
+                )
 
 
-def fused_backward_fits(cs: int) -> bool:
-    """The fused first pass holds DᵀX for every student channel in registers: only up to FUSED_MAX_CS."""
-    return cs <= FUSED_MAX_CS
+def fused_backward_fits(cs: int, grad_dtype: torch.dtype, device: torch.device) -> bool:
+    """The fused first pass holds DᵀX for every student channel in registers: up to FUSED_MAX_CS student channels,
+    bf16 D, on sm_90 (the interpreter follows the same rule, so the CPU tests run the path a GPU would take)."""
+    return cs <= FUSED_MAX_CS and grad_dtype in FUSED_GRAD_DTYPES and device_limits(device)[2] >= FUSED_MIN_MAJOR
 
 
 def hint_backward_fused(
@@ -236,10 +251,11 @@ def hint_backward_fused(
     m = n * h * w
     device = student.device
     weight_lp = weight_lp.contiguous()
-    num_n = triton.cdiv(ct, FUSED_BLOCK_N)
+    block_m, block_n, block_k = INTERPRET_TILE if INTERPRET else FUSED_TILE
+    num_n = triton.cdiv(ct, block_n)
     sms = device_limits(device)[0]
-    chunks = max(1, min(triton.cdiv(CHUNKS_PER_SM * sms, num_n), triton.cdiv(m, FUSED_BLOCK_M)))
-    rows = triton.cdiv(triton.cdiv(m, chunks), FUSED_BLOCK_M) * FUSED_BLOCK_M
+    chunks = max(1, min(triton.cdiv(CHUNKS_PER_SM * sms, num_n), triton.cdiv(m, block_m)))
+    rows = triton.cdiv(triton.cdiv(m, chunks), block_m) * block_m
     chunks = triton.cdiv(m, rows)
     f32 = torch.float32
     d = torch.empty((m, ct) if want_d else (0,), device=device, dtype=grad_dtype)
@@ -286,10 +302,11 @@ def hint_backward_fused(
         rows,
         chunks,
         1.0 / m,
-        BLOCK_M=FUSED_BLOCK_M,
-        BLOCK_N=FUSED_BLOCK_N,
-        BLOCK_K=FUSED_BLOCK_K,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
         BLOCK_CS=max(16, triton.next_power_of_2(cs)),  # tl.dot's smallest tile side
+        FINISH_CS=16 if INTERPRET else 32,  # wider slices spill the finish (ptxas, sm_90a)
         RELU=relu,
         BN_MODE=bn_mode,
         SUMS=sums,
@@ -300,5 +317,6 @@ def hint_backward_fused(
         EMULATE=INTERPRET,
         INDEX_64=needs_int64(student, teacher, d, dw_part),
         num_warps=FUSED_WARPS,
+        num_stages=FUSED_STAGES,
     )
     return d, bn_coef, d_beta, d_gamma, d_bias, wa, g0, d_weight

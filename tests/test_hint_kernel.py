@@ -253,13 +253,25 @@ def test_matches_reference_resnet_like_shape():
     ],
     ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
 )
-def test_split_backward_matches_reference_too(case, monkeypatch):
-    """Student channels above FUSED_MAX_CS (ResNet layer4's 512) take the split backward: dP, channel and dW
-    kernels of their own. The tests' small shapes take the fused one, so force the split path here."""
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_both_backward_paths_match_the_reference(case, path, monkeypatch):
+    """The fused first pass (hint_loss_fused_bwd) runs for bf16 D with at most FUSED_MAX_CS student channels; every
+    other call takes the split dP, channel and dW kernels. Force each path for every case, fp32 included, so both
+    are held to the fp32 tolerances."""
     from fastfit.kernels import hint_loss_fused_bwd
 
-    monkeypatch.setattr(hint_loss_fused_bwd, "FUSED_MAX_CS", 0)
+    if path == "fused":
+        monkeypatch.setattr(hint_loss_fused_bwd, "FUSED_GRAD_DTYPES", (torch.bfloat16, torch.float32))
+    else:
+        monkeypatch.setattr(hint_loss_fused_bwd, "FUSED_MAX_CS", 0)
+    calls = []
+    real = hint_loss_fused_bwd.hint_backward_fused
+    monkeypatch.setattr(hint_loss_fused_bwd, "hint_backward_fused", lambda *a: calls.append(1) or real(*a))
+    from fastfit.kernels import hint_loss
+
+    monkeypatch.setattr(hint_loss, "hint_backward_fused", hint_loss_fused_bwd.hint_backward_fused)
     _check_once(**case)
+    assert bool(calls) == (path == "fused")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

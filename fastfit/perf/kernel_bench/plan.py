@@ -116,6 +116,7 @@ def _flops(kernel: str, op: str, shape: tuple) -> tuple[float, float]:
         "_hint_bwd_dp_kernel": (gemm, 0.0),
         "_hint_dx_kernel": (gemm + 2.0 * m * cs * cs, 0.0),
         "_hint_dw_kernel": (gemm, 0.0),
+        "_hint_bwd_fused_kernel": (2 * gemm, 0.0),  # A = X·Wᵀ again and DᵀX (bf16 D only)
     }
     if kernel in per_kernel:
         lowp, _ = per_kernel[kernel]
