@@ -28,7 +28,6 @@ from .hint_loss_common import (
     tickets,
     widen,
 )
-from .hint_loss_tiles import _regress_tile
 from .rounding import cast, mma
 
 FUSED_MAX_CS = 256  # DᵀX accumulates BLOCK_N × Cs fp32 in registers: 64 per thread at 256 threads and BLOCK_N 64
@@ -37,8 +36,8 @@ FUSED_MAX_CS = 256  # DᵀX accumulates BLOCK_N × Cs fp32 in registers: 64 per 
 # (ptxas), so those take the split path.
 FUSED_GRAD_DTYPES = (torch.bfloat16,)
 FUSED_MIN_MAJOR = 9
-FUSED_TILE = (64, 64, 32)  # BLOCK_M, BLOCK_N, BLOCK_K: 254 registers, no spill on sm_90a
-INTERPRET_TILE = (16, 16, 16)
+FUSED_TILE = (64, 64)  # BLOCK_M, BLOCK_N
+INTERPRET_TILE = (16, 16)
 FUSED_STAGES = 2  # a third pipeline stage spills the bf16 tile's registers (ptxas, sm_90a)
 FUSED_WARPS = 4 if INTERPRET else 8
 CHUNKS_PER_SM = 1  # row chunks × channel blocks ≈ one program per SM per channel block group
@@ -87,7 +86,6 @@ def _hint_bwd_fused_kernel(
     inv_m,  # 1 / M
     BLOCK_M: tl.constexpr,  # rows per step
     BLOCK_N: tl.constexpr,  # regressor channels per program
-    BLOCK_K: tl.constexpr,  # K step of the A GEMM
     BLOCK_CS: tl.constexpr,  # Cs rounded up to a power of two (the DᵀX accumulator's width)
     FINISH_CS: tl.constexpr,  # student channels per slice of dW's finish
     RELU: tl.constexpr,  # Z = relu(P)
@@ -111,6 +109,8 @@ def _hint_bwd_fused_kernel(
     shift = tl.load(chan_ptr + CT + cols, mask=cols_ok, other=0.0)
     center = tl.load(chan_ptr + 2 * CT + cols, mask=cols_ok, other=0.0)
     g = tl.load(grad_ptr)
+    # Wᵀ for this channel block, all Cs rows: loaded once, used for every row block of the chunk.
+    w_t = tl.load(w_ptr + cols[None, :] * CS + ks[:, None], mask=ks_ok[:, None] & cols_ok[None, :], other=0.0)
     sum_d = tl.zeros((BLOCK_N,), dtype=tl.float32)
     sum_dx = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dw_acc = tl.zeros((BLOCK_N, BLOCK_CS), dtype=tl.float32)
@@ -120,24 +120,9 @@ def _hint_bwd_fused_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         rows_ok = rows < end
         s_rows = row_offsets(rows, HW, W, s_sn, s_sh, s_sw)
-        acc = _regress_tile(
-            s_ptr,
-            s_rows,
-            rows_ok,
-            s_sc,
-            w_ptr,
-            CS,
-            1,
-            cols,
-            cols_ok,
-            CS,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            MODE,
-            EMULATE,
-            INDEX_64,
-        )
+        # One X tile serves both GEMMs: A = X·Wᵀ over all Cs at once, then DᵀX below.
+        x = tl.load(s_ptr + s_rows[:, None] + ks[None, :] * s_sc, mask=rows_ok[:, None] & ks_ok[None, :], other=0.0)
+        acc = mma(x, w_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), MODE, EMULATE)
         p = acc * scale[None, :] + shift[None, :]
         ok = rows_ok[:, None] & cols_ok[None, :]
         t_rows = row_offsets(rows, HW, W, t_sn, t_sh, t_sw)
@@ -159,7 +144,6 @@ def _hint_bwd_fused_kernel(
             sum_d += tl.sum(dp, axis=0)
             sum_dx += tl.sum(dp * (acc - center[None, :]), axis=0)
         if WANT_DW:
-            x = tl.load(s_ptr + s_rows[:, None] + ks[None, :] * s_sc, mask=rows_ok[:, None] & ks_ok[None, :], other=0.0)
             dw_acc = mma(tl.trans(d_lp), x, dw_acc, GRAD_MODE, EMULATE)
     tl.store(col_part_ptr + chunk * CT + cols, sum_d, mask=cols_ok)
     tl.store(col_part_ptr + (CHUNKS + chunk) * CT + cols, sum_dx, mask=cols_ok)
@@ -251,7 +235,7 @@ def hint_backward_fused(
     m = n * h * w
     device = student.device
     weight_lp = weight_lp.contiguous()
-    block_m, block_n, block_k = INTERPRET_TILE if INTERPRET else FUSED_TILE
+    block_m, block_n = INTERPRET_TILE if INTERPRET else FUSED_TILE
     num_n = triton.cdiv(ct, block_n)
     sms = device_limits(device)[0]
     chunks = max(1, min(triton.cdiv(CHUNKS_PER_SM * sms, num_n), triton.cdiv(m, block_m)))
@@ -304,7 +288,6 @@ def hint_backward_fused(
         1.0 / m,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_K=block_k,
         BLOCK_CS=max(16, triton.next_power_of_2(cs)),  # tl.dot's smallest tile side
         FINISH_CS=16 if INTERPRET else 32,  # wider slices spill the finish (ptxas, sm_90a)
         RELU=relu,
