@@ -38,7 +38,7 @@ from .hint_loss_channels import BATCH_STATS, CHANNEL_ROWS, NO_BN, RUNNING_STATS,
 from .hint_loss_checks import check_hint_inputs, unpack_connector
 from .hint_loss_common import check_runnable
 from .hint_loss_fused_bwd import fused_backward_fits, hint_backward_fused
-from .hint_loss_grads import hint_grad_student, hint_grad_weight
+from .hint_loss_grads import hint_grad_student, hint_grad_weight_and_channels
 from .hint_loss_stats import fp32_matmul, hint_moments
 from .hint_loss_tiles import hint_backward_dp, hint_forward_loss
 
@@ -295,12 +295,15 @@ def _backward_grads(
         d, col_part = hint_backward_dp(
             student, teacher, w_lp, scale, shift, center, coef, grad, relu, want_sums, grad_dtype
         )
-        # One launch: the column sums' reduction, dγ, dβ, the bias gradient, c1, a·Σ dP, g0 and Wa = diag(a)·W.
-        bn_coef, d_beta, d_gamma, d_bias, weight_a, g0 = channel_grads(
-            bn_mode, col_part, chan, w_lp, m, grad_dtype, dtypes
-        )
         if need_weight:
-            d_weight = hint_grad_weight(d, student, scale, bn_coef, wg if batch else None, feature_mean, weight)
+            # One launch: dW and, from the column sums, dγ, dβ, the bias gradient, c1, a·Σ dP, g0 and Wa.
+            bn_coef, d_beta, d_gamma, d_bias, weight_a, g0, d_weight = hint_grad_weight_and_channels(
+                d, student, col_part, chan, w_lp, wg if batch else None, feature_mean, weight, bn_mode, dtypes
+            )
+        else:
+            bn_coef, d_beta, d_gamma, d_bias, weight_a, g0 = channel_grads(
+                bn_mode, col_part, chan, w_lp, m, grad_dtype, dtypes
+            )
     if need_student:
         g1 = fp32_matmul(w_lp.t(), w_lp, scale_k=bn_coef[0]) if batch else None  # Wᵀ·diag(c1)·W
         d_student = hint_grad_student(d, weight_a, student, feature_mean, g1, g0 if batch else None)

@@ -278,6 +278,14 @@ def _hint_channel_grads_kernel(
 
 
 @triton.jit
+def channel_coefficients(cols, ok, sum_d, sum_dx, chan_ptr, CT, inv_m):
+    """(a, c1, a·Σ dP) of `cols` from their column sums Σ dP and Σ dP·(A − center): c1 = −a·r²·Σ dP·(A − center)/M."""
+    scale = tl.load(chan_ptr + cols, mask=ok, other=0.0)
+    rstd = tl.load(chan_ptr + 3 * CT + cols, mask=ok, other=0.0)
+    return scale, -scale * rstd * rstd * sum_dx * inv_m, scale * sum_d
+
+
+@triton.jit
 def finish_channels(
     pid,  # this program's index among the `programs` that share the g0 reduction
     programs,
@@ -309,12 +317,9 @@ def finish_channels(
         g0 = −Σ_c (a·Σ dP)_c·W[c, :]/M  (a reduction over every program's channels: the last one finishes it)
     and the bias gradient is 0; otherwise it is Σ dP (no BatchNorm) or a·Σ dP (running statistics)."""
     G0: tl.constexpr = MODE == 1 and SUMS
-    scale = tl.load(chan_ptr + cols, mask=ok, other=0.0)
-    c1 = tl.zeros(cols.shape, dtype=tl.float32)
-    a_sum_d = scale * sum_d
+    scale, c1, a_sum_d = channel_coefficients(cols, ok, sum_d, sum_dx, chan_ptr, CT, inv_m)
     if SUMS:
         rstd = tl.load(chan_ptr + 3 * CT + cols, mask=ok, other=0.0)
-        c1 = -scale * rstd * rstd * sum_dx * inv_m
         if MODE == 1:
             d_bias = tl.zeros(cols.shape, dtype=tl.float32)
         elif MODE == 0:

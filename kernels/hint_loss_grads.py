@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .hint_loss_channels import channel_coefficients, finish_channels
 from .hint_loss_common import (
     INTERPRET,
     fixed_meta,
@@ -101,12 +102,22 @@ def _hint_dw_kernel(
     d_ptr,  # (M, Ct) D = dL/dP, row-major, bf16 for bf16 features else fp32
     s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
     part_ptr,  # fp32 partial sums, one slot per program (layout in the comment below)
-    scale_ptr,  # (Ct,) fp32 per-channel scale a (the forward's affine)
-    coef_ptr,  # (2, Ct) fp32 rows c1 and a·Σ dP (batch-statistics corrections, hint_loss_channels.channel_grads)
+    col_part_ptr,  # (2, R, Ct) fp32 column sums Σ dP, Σ dP·(A − center) per row block of the dP kernel
+    chan_ptr,  # (6, Ct) fp32 per-channel rows of the forward: a, e, center, r, mean_A, var_A
+    w_ptr,  # (Ct, Cs) regressor weight in the feature dtype, row-major (for Wa and g0)
+    coef_ptr,  # (2, Ct) fp32 out: c1, a·Σ dP (the G1 kernel reads c1)
+    dbeta_ptr,  # (Ct,) out: dβ
+    dgamma_ptr,  # (Ct,) out: dγ
+    dbias_ptr,  # (Ct,) out: the conv bias gradient
+    wa_ptr,  # (Ct, Cs) out: Wa = diag(a)·W in the grad dtype
+    g0_part_ptr,  # (Ct blocks, Cs) fp32 scratch
+    g0_ptr,  # (Cs,) fp32 out: g0 (batch statistics)
     wg_ptr,  # (Ct, Cs) fp32 W·Gc of the forward (batch statistics)
     mean_ptr,  # (Cs,) fp32 column mean μ of X (batch statistics)
     dw_ptr,  # (Ct, Cs) out: dW in the weight's dtype, through its strides
-    ticket_ptr,  # one int32 ticket slot per output tile, zero at rest
+    ticket_ptr,  # 1 + output tiles int32 ticket slots, zero at rest (slot 0: g0)
+    R,  # row blocks of the column sums
+    inv_m,  # 1 / M
     M,  # rows of X: N·H·W
     CS,  # student channels (GEMM K forward, N of dX)
     CT,  # regressor output channels
@@ -124,7 +135,9 @@ def _hint_dw_kernel(
     BLOCK_N: tl.constexpr,  # tile columns
     BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
     GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
-    BATCH_STATS: tl.constexpr,  # add the batch-statistics terms c1·(W·Gc) − (a·Σ dP)·μᵀ
+    BN_MODE: tl.constexpr,  # NO_BN 0, BATCH_STATS 1 (adds c1·(W·Gc) − (a·Σ dP)·μᵀ), RUNNING_STATS 2
+    SUMS: tl.constexpr,  # the column sums exist (BatchNorm or bias gradients wanted)
+    FINISH_CS: tl.constexpr,  # student channels per step of the per-channel finish
     MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
     EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
     INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
@@ -155,14 +168,47 @@ def _hint_dw_kernel(
     ok = cs_ok[:, None] & ks_ok[None, :]
     tile = cs[:, None] * CS + ks[None, :]
     tl.store(part_ptr + pid_s * CT * CS + tile, acc, mask=ok)
-    if last_arrival(ticket_ptr + pid_c * num_n + pid_k, SPLITS):
+    if last_arrival(ticket_ptr + 1 + pid_c * num_n + pid_k, SPLITS):
+        # The dP kernel's column sums are complete (it ran before): every tile gets its channels' coefficients,
+        # the tiles of the first student-channel block also finish those channels (hint_loss_channels).
+        sum_d = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        sum_dx = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if SUMS:
+            for r in range(0, R):
+                sum_d += tl.load(col_part_ptr + r * CT + cs, mask=cs_ok, other=0.0)
+                sum_dx += tl.load(col_part_ptr + (R + r) * CT + cs, mask=cs_ok, other=0.0)
+        scale, c1, a_sum_d = channel_coefficients(cs, cs_ok, sum_d, sum_dx, chan_ptr, CT, inv_m)
+        if pid_k == 0:
+            finish_channels(
+                pid_c,
+                num_m,
+                cs,
+                cs_ok,
+                sum_d,
+                sum_dx,
+                chan_ptr,
+                w_ptr,
+                coef_ptr,
+                dbeta_ptr,
+                dgamma_ptr,
+                dbias_ptr,
+                wa_ptr,
+                g0_part_ptr,
+                g0_ptr,
+                ticket_ptr,
+                CT,
+                CS,
+                inv_m,
+                BN_MODE,
+                SUMS,
+                EMULATE,
+                FINISH_CS,
+            )
         total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for s in range(0, SPLITS):
             total += tl.load(part_ptr + s * CT * CS + tile, mask=ok, other=0.0, volatile=True)
-        dw = tl.load(scale_ptr + cs, mask=cs_ok, other=0.0)[:, None] * total
-        if BATCH_STATS:
-            c1 = tl.load(coef_ptr + cs, mask=cs_ok, other=0.0)
-            a_sum_d = tl.load(coef_ptr + CT + cs, mask=cs_ok, other=0.0)
+        dw = scale[:, None] * total
+        if BN_MODE == 1:
             mean = tl.load(mean_ptr + ks, mask=ks_ok, other=0.0)
             wg = tl.load(wg_ptr + tile, mask=ok, other=0.0)
             dw = dw + c1[:, None] * wg - a_sum_d[:, None] * mean[None, :]
@@ -213,24 +259,37 @@ def hint_grad_student(
     return grad
 
 
-def hint_grad_weight(
+def hint_grad_weight_and_channels(
     d: Tensor,
     student: Tensor,
-    scale: Tensor,
-    coef: Tensor,
+    col_part: Tensor | None,
+    chan: Tensor,
+    weight_lp: Tensor,
     wg: Tensor | None,
     mean: Tensor | None,
     weight: Tensor,
-) -> Tensor:
-    """dW = diag(a)·DᵀX (+ diag(c1)·W·Gc − (a·Σ dP)·μᵀ when wg is given: batch statistics), shaped and typed like
-    `weight`, in one launch."""
+    bn_mode: int,
+    param_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(bn_coef (2, Ct): c1 and a·Σ dP, dβ, dγ, bias gradient, Wa, g0, dW shaped and typed like `weight`) in one
+    launch: dW = diag(a)·DᵀX (+ diag(c1)·W·Gc − (a·Σ dP)·μᵀ when wg is given: batch statistics), and the per-channel
+    gradients from the dP kernel's column sums `col_part` (2, R, Ct) (hint_loss_channels.finish_channels)."""
     n, cs, h, w = student.shape
     m, ct = d.shape
+    device = d.device
+    weight_lp = weight_lp.contiguous()
     block_m, block_n = tile_for(d.dtype, d.device)
-    tiles = triton.cdiv(ct, block_m) * triton.cdiv(cs, block_n)
+    ct_blocks = triton.cdiv(ct, block_m)
+    tiles = ct_blocks * triton.cdiv(cs, block_n)
     rows = split_rows(m, tiles, block_m, ct * cs, student.device)
     splits = triton.cdiv(m, rows)
-    part = torch.empty((splits, ct, cs), device=d.device, dtype=torch.float32)
+    f32 = torch.float32
+    part = torch.empty((splits, ct, cs), device=device, dtype=f32)
+    bn_coef = torch.empty((2, ct), device=device, dtype=f32)
+    d_beta, d_gamma, d_bias = (torch.empty((ct,), device=device, dtype=t) for t in param_dtypes)
+    wa = torch.empty((ct, cs), device=device, dtype=d.dtype)
+    g0_part = torch.empty((ct_blocks, cs), device=device, dtype=f32)
+    g0 = torch.empty((cs,), device=device, dtype=f32)
     grad = torch.empty_like(weight, memory_format=torch.contiguous_format)
     out = grad.view(ct, cs)
     batch_stats = wg is not None
@@ -238,12 +297,22 @@ def hint_grad_weight(
         d,
         student,
         part,
-        scale,
-        coef,
+        col_part if col_part is not None else bn_coef,
+        chan,
+        weight_lp,
+        bn_coef,
+        d_beta,
+        d_gamma,
+        d_bias,
+        wa,
+        g0_part,
+        g0,
         wg if batch_stats else part,
         mean if batch_stats else part,
         out,
-        tickets(d.device, tiles),
+        tickets(device, 1 + tiles),
+        col_part.shape[1] if col_part is not None else 0,
+        1.0 / m,
         m,
         cs,
         ct,
@@ -255,10 +324,12 @@ def hint_grad_weight(
         splits,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BATCH_STATS=batch_stats,
+        BN_MODE=bn_mode,
+        SUMS=col_part is not None,
+        FINISH_CS=16 if INTERPRET else 32,
         MODE=mma_mode(d.dtype),
         EMULATE=INTERPRET,
         INDEX_64=needs_int64(d, student, part),
         **fixed_meta(),
     )
-    return grad
+    return bn_coef, d_beta, d_gamma, d_bias, wa, g0, grad
