@@ -150,8 +150,8 @@ def _hint_moments_kernel(
 
 @triton.jit
 def _small_gemm_kernel(
-    a_ptr,  # (R, K) fp32 via strides: the left operand (W, or Wᵀ as a strided view)
-    b_ptr,  # (K, C) fp32 via strides: the right operand (Gc, or W)
+    a_ptr,  # (R, K) via strides: the left operand (W, or Wᵀ as a strided view), fp32 or exactly bf16
+    b_ptr,  # (K, C) via strides: the right operand (Gc, or W), fp32 or exactly bf16
     v_ptr,  # (K,) fp32: a per-K scale applied between the operands (diag(v)), read only when SCALE_K
     c_ptr,  # (R, C) fp32, row-major: the product
     R,  # rows of the product
@@ -162,12 +162,15 @@ def _small_gemm_kernel(
     b_sk,  # B's K stride
     b_sc,  # B's column stride
     SCALE_K: tl.constexpr,  # multiply B's K rows by v first
+    MODE: tl.constexpr,  # "tf32x3"; "bf16": one operand is bf16, the other fp32 split into bf16 hi + lo
+    EXACT_A: tl.constexpr,  # MODE "bf16": A is the bf16 operand (else B)
     BLOCK: tl.constexpr,  # square output tile
     BLOCK_K: tl.constexpr,  # K step
-    EMULATE: tl.constexpr,  # interpreter: emulate the GPU's 3×TF32 operand rounding explicitly
+    EMULATE: tl.constexpr,  # interpreter: emulate the GPU's operand rounding explicitly
 ):
-    # C = A·diag(v)·B for the Cs × Cs and Ct × Cs products of BatchNorm (W·Gc, Wᵀ·diag(c1)·W): 2·R·C·K FLOPs as
-    # three TF32 MMAs, so the result is fp32-accurate whatever torch.backends.cuda.matmul.allow_tf32 says.
+    # C = A·diag(v)·B for the Cs × Cs and Ct × Cs products of BatchNorm (W·Gc, Wᵀ·diag(c1)·W), 2·R·C·K FLOPs per
+    # MMA term, fp32-class whatever torch.backends.cuda.matmul.allow_tf32 says: three TF32 MMAs, or, with a bf16
+    # operand, two bf16 MMAs (that operand exact, the other's hi + lo keeping about 16 bits).
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     rows_ok, cols_ok = rows < R, cols < C
@@ -178,15 +181,30 @@ def _small_gemm_kernel(
         a = tl.load(a_ptr + rows[:, None] * a_sr + ks[None, :] * a_sk, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptr + ks[:, None] * b_sk + cols[None, :] * b_sc, mask=k_ok[:, None] & cols_ok[None, :], other=0.0)
         if SCALE_K:
-            b = b * tl.load(v_ptr + ks, mask=k_ok, other=0.0)[:, None]
-        acc = mma(a, b, acc, "tf32x3", EMULATE)
+            b = b.to(tl.float32) * tl.load(v_ptr + ks, mask=k_ok, other=0.0)[:, None]
+        if MODE == "tf32x3":
+            acc = mma(a, b, acc, "tf32x3", EMULATE)
+        elif EXACT_A:
+            hi, lo = split16(b.to(tl.float32), tl.bfloat16, EMULATE)
+            acc = dot16(a, lo, acc, EMULATE)
+            acc = dot16(a, hi, acc, EMULATE)
+        else:
+            hi, lo = split16(a.to(tl.float32), tl.bfloat16, EMULATE)
+            acc = dot16(lo, b, acc, EMULATE)
+            acc = dot16(hi, b, acc, EMULATE)
     tl.store(c_ptr + rows[:, None] * C + cols[None, :], acc, mask=rows_ok[:, None] & cols_ok[None, :])
 
 
 def fp32_matmul(a: Tensor, b: Tensor, scale_k: Tensor | None = None) -> Tensor:
-    """a·diag(scale_k)·b for fp32 (R, K) and (K, C) matrices (any strides), fp32-accurate on tensor cores."""
+    """a·diag(scale_k)·b for (R, K) and (K, C) matrices (any strides), fp32 result, fp32-class accuracy on tensor
+    cores. Operands are fp32, or bf16 (the regressor weight in the feature dtype): when `a` is bf16, or `b` is and
+    there is no scale_k, it runs as two bf16 MMAs, that operand exact times the hi/lo split of the other (about 16
+    bits); otherwise as 3×TF32 (about 22 bits). fp16 operands are read as fp32 values: an fp16 split of Gc would
+    overflow (its entries reach M·σ², past 65,504)."""
     r, k = a.shape
     c = b.shape[1]
+    exact_a = a.dtype == torch.bfloat16
+    exact_b = b.dtype == torch.bfloat16 and scale_k is None
     out = torch.empty((r, c), device=a.device, dtype=torch.float32)
     block, block_k = SMALL_GEMM_TILE, SMALL_GEMM_K
     _small_gemm_kernel[(triton.cdiv(r, block), triton.cdiv(c, block))](
@@ -202,6 +220,8 @@ def fp32_matmul(a: Tensor, b: Tensor, scale_k: Tensor | None = None) -> Tensor:
         b.stride(0),
         b.stride(1),
         SCALE_K=scale_k is not None,
+        MODE="bf16" if exact_a or exact_b else "tf32x3",
+        EXACT_A=exact_a,
         BLOCK=block,
         BLOCK_K=block_k,
         EMULATE=INTERPRET,
