@@ -48,6 +48,9 @@ from .hint_loss_common import (
 )
 from .rounding import dot16, mma, split16
 
+# Rows per step of the moments kernel on fp32 features: sm_80's mma.sync holds 3×TF32's head and tail fragments in
+# registers, and 64 rows spill there (ptxas, 8 warps).
+TF32X3_ROWS = 32
 # Per-device tile counters of the moments kernel: allocated (zeroed) once, reset to 0 by the kernel itself.
 _TILE_COUNTERS: dict[torch.device, Tensor] = {}
 
@@ -246,6 +249,9 @@ def feature_moments(student: Tensor) -> tuple[Tensor, Tensor]:
     n, cs, h, w = student.shape
     m = n * h * w
     block_rows, block_c = (INTERPRET_TILE, INTERPRET_K) if INTERPRET else (STATS_ROWS, STATS_COLS)
+    mode = "tf32x3" if student.dtype == torch.float32 else "bf16"
+    if mode == "tf32x3" and not INTERPRET:
+        block_rows = TF32X3_ROWS
     col_blocks = triton.cdiv(cs, block_c)
     upper_tiles = col_blocks * (col_blocks + 1) // 2
     rows = split_rows(m, upper_tiles, block_rows, upper_tiles * block_c * (block_c + 2), student.device)
@@ -274,9 +280,10 @@ def feature_moments(student: Tensor) -> tuple[Tensor, Tensor]:
         splits,
         BLOCK_M=block_rows,
         BLOCK_C=block_c,
-        MODE="tf32x3" if student.dtype == torch.float32 else "bf16",
+        MODE=mode,
         EMULATE=INTERPRET,
         INDEX_64=needs_int64(student, part, gram),
+        num_warps=8,  # 4 warps hold too much per thread (shifted tiles, hi/lo operands, the epilogue): sm_80 spills
     )
     return mean, gram
 
