@@ -18,6 +18,8 @@ counters).
 MMAs: fp32 features run 3×TF32 (about 22 bits). 16-bit features split Xs (fp32) into hi = bf16(Xs) and
 lo = bf16(Xs − hi) and sum hiᵀhi + hiᵀlo + loᵀhi: three bf16 MMAs with fp32 accumulation, half the cost of 3×TF32.
 hi + lo keeps about 16 bits of Xs; the omitted loᵀlo and the rounding of lo are each below 2⁻¹⁸ of |Xs_i·Xs_j|.
+loᵀlo is a positive bias on the diagonal of Gs, which grows relative to Gc as Gs/Gc = 1 + M·δ²/Gc (a shift row far
+from μ): about 2·10⁻⁵ of the variance at layer3's post-ReLU maps, 5·10⁻⁶ of var(Y).
 bf16 rather than fp16 for fp16 features too: Xs can leave fp16's range (|x − s| up to 2·65504) and fp16's lo would
 go subnormal.
 
