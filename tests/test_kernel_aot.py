@@ -49,8 +49,7 @@ def test_the_gate_covers_every_op_shape_dtype_and_arch(report):
     assert seen == {(op, arch) for op in ops for arch in (90, 80)}
     kernels = {r["launch"]["kernel"] for r in _gated(data["results"]) if r["launch"]["op"] == "hint layer4 bfloat16"}
     assert kernels == {
-        "_hint_colsum_kernel",
-        "_hint_gram_kernel",
+        "_hint_moments_kernel",
         "_small_gemm_kernel",
         "_hint_channel_affine_kernel",
         "_hint_fwd_kernel",

@@ -214,7 +214,7 @@ def capture(arch: int) -> list[Launch]:
                         attrs={names[k[0]]: v for k, v in attrs.items()},
                         options={k: options.__dict__[k] for k in ("num_warps", "num_stages")},
                         grid=list(grid(kw) if callable(grid) else grid),
-                        mma_operand=_mma_operand(name, dname),
+                        mma_operand=_mma_operand(name, dname, kw.get("MODE")),
                         vector_loads=name.startswith("_kd_") and c is not None and c % 4 == 0,
                         tensor_bytes=sum(
                             t.numel() * t.element_size()
@@ -229,11 +229,14 @@ def _plain(value):
     return value.value if hasattr(value, "value") else str(value) if value.__class__.__name__ == "dtype" else value
 
 
-def _mma_operand(kernel: str, dtype: str) -> str:
-    # Statistics GEMMs (Gram, the small fp32 products) run 3×TF32 on fp32 values whatever the feature dtype; the
+def _mma_operand(kernel: str, dtype: str, mode: str | None) -> str:
+    # Statistics GEMMs run on fp32 values: 3×TF32 for fp32 features; for 16-bit features the moments kernel splits
+    # them into bf16 hi + lo, and the small products do when one operand is the bf16 weight (MODE "bf16"). The
     # backward GEMMs of fp16 features read fp32 D (fp16 would underflow), hence 3×TF32 as well.
-    if kernel in ("_hint_gram_kernel", "_small_gemm_kernel"):
-        return "tf32"
+    if kernel == "_hint_moments_kernel":
+        return "tf32" if dtype == "float32" else "bf16"
+    if kernel == "_small_gemm_kernel":
+        return "bf16" if mode == "bf16" else "tf32"
     if dtype == "float16" and kernel in ("_hint_dx_kernel", "_hint_dw_kernel"):
         return "tf32"
     return MMA_OPERAND[dtype]
