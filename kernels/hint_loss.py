@@ -120,10 +120,16 @@ def _prepare(
     dtype,
 ):
     ct = weight.shape[0]
-    w_lp = weight.reshape(ct, -1).to(dtype, copy=True)  # the GEMM's operand; batch statistics use the same values
-    wg = w_lp.new_empty((0,), dtype=torch.float32)
-    if bn_mode == BATCH_STATS:
-        wg = fp32_matmul(w_lp, feature_gram)  # W·Gc, fp32-accurate, kept for the backward's dW
+    weight = weight.reshape(ct, -1)
+    wg = weight.new_empty((0,), dtype=torch.float32)
+    if bn_mode == BATCH_STATS and weight.dtype != dtype:
+        # W·Gc (kept for the backward's dW) rounds W to the feature dtype and writes it: the GEMMs' operand
+        w_lp = weight.new_empty(weight.shape, dtype=dtype)
+        wg = fp32_matmul(weight, feature_gram, a_as=w_lp)
+    else:
+        w_lp = weight.to(dtype, copy=True)  # the GEMMs' operand; batch statistics use the same values
+        if bn_mode == BATCH_STATS:
+            wg = fp32_matmul(w_lp, feature_gram)
     update = (update_mean, update_var, update_count) if update_mean is not None else None
     # One launch: (6, Ct) rows a, e, center, r, mean_A, var_A and the running statistics' update.
     chan = channel_affine(

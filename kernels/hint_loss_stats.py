@@ -43,18 +43,18 @@ from .hint_loss_common import (
     STATS_COLS,
     STATS_ROWS,
     check_runnable,
+    last_arrival,
     needs_int64,
     row_offsets,
     split_rows,
+    tickets,
     widen,
 )
-from .rounding import dot16, mma, split16
+from .rounding import cast, dot16, mma, split16
 
 # Rows per step of the moments kernel on fp32 features: sm_80's mma.sync holds 3×TF32's head and tail fragments in
 # registers, and 64 rows spill there (ptxas, 8 warps).
 TF32X3_ROWS = 32
-# Per-device tile counters of the moments kernel: allocated (zeroed) once, reset to 0 by the kernel itself.
-_TILE_COUNTERS: dict[torch.device, Tensor] = {}
 
 
 @triton.jit
@@ -128,9 +128,7 @@ def _hint_moments_kernel(
         tl.store(part_ptr + slot * (BLOCK_C * BLOCK_C) + r[:, None] * BLOCK_C + r[None, :], acc)
         tl.store(psum_ptr + slot * (2 * BLOCK_C) + r, sum_i)
         tl.store(psum_ptr + slot * (2 * BLOCK_C) + BLOCK_C + r, sum_j)
-        # acq_rel: this program's partials are visible before its ticket, the last one sees everyone's.
-        ticket = tl.atomic_add(count_ptr + tile, 1)
-        if ticket == SPLITS - 1:
+        if last_arrival(count_ptr + tile, SPLITS):  # the last split of this tile sums everyone's partials
             gram = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
             total_i = tl.zeros((BLOCK_C,), dtype=tl.float32)
             total_j = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -150,7 +148,6 @@ def _hint_moments_kernel(
                 tl.store(gram_ptr + cj[None, :] * CS + ci[:, None], gram, mask=ok)
             else:
                 tl.store(mean_ptr + ci, shift_i + delta_i, mask=ci_ok)
-            tl.store(count_ptr + tile, 0)  # every split has arrived: ready for the next launch
 
 
 @triton.jit
@@ -158,6 +155,7 @@ def _small_gemm_kernel(
     a_ptr,  # (R, K) via strides: the left operand (W, or Wᵀ as a strided view), fp32 or exactly bf16
     b_ptr,  # (K, C) via strides: the right operand (Gc, or W), fp32 or exactly bf16
     v_ptr,  # (K,) fp32: a per-K scale applied between the operands (diag(v)), read only when SCALE_K
+    a_out_ptr,  # (R, K) row-major, ROUND_A: A rounded to this pointer's dtype, the operand, written here too
     c_ptr,  # (R, C) fp32, row-major: the product
     R,  # rows of the product
     C,  # columns of the product
@@ -167,6 +165,7 @@ def _small_gemm_kernel(
     b_sk,  # B's K stride
     b_sc,  # B's column stride
     SCALE_K: tl.constexpr,  # multiply B's K rows by v first
+    ROUND_A: tl.constexpr,  # round A to a_out_ptr's dtype first and write it there (the first column of programs)
     MODE: tl.constexpr,  # "tf32x3"; "bf16": one operand is bf16, the other fp32 split into bf16 hi + lo
     EXACT_A: tl.constexpr,  # MODE "bf16": A is the bf16 operand (else B)
     BLOCK: tl.constexpr,  # square output tile
@@ -183,7 +182,12 @@ def _small_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        a = tl.load(a_ptr + rows[:, None] * a_sr + ks[None, :] * a_sk, mask=rows_ok[:, None] & k_ok[None, :], other=0.0)
+        a_ok = rows_ok[:, None] & k_ok[None, :]
+        a = tl.load(a_ptr + rows[:, None] * a_sr + ks[None, :] * a_sk, mask=a_ok, other=0.0)
+        if ROUND_A:
+            a = cast(a, a_out_ptr.dtype.element_ty, EMULATE)
+            if tl.program_id(1) == 0:
+                tl.store(a_out_ptr + rows[:, None] * K + ks[None, :], a, mask=a_ok)
         b = tl.load(b_ptr + ks[:, None] * b_sk + cols[None, :] * b_sc, mask=k_ok[:, None] & cols_ok[None, :], other=0.0)
         if SCALE_K:
             b = b.to(tl.float32) * tl.load(v_ptr + ks, mask=k_ok, other=0.0)[:, None]
@@ -200,15 +204,16 @@ def _small_gemm_kernel(
     tl.store(c_ptr + rows[:, None] * C + cols[None, :], acc, mask=rows_ok[:, None] & cols_ok[None, :])
 
 
-def fp32_matmul(a: Tensor, b: Tensor, scale_k: Tensor | None = None) -> Tensor:
+def fp32_matmul(a: Tensor, b: Tensor, scale_k: Tensor | None = None, a_as: Tensor | None = None) -> Tensor:
     """a·diag(scale_k)·b for (R, K) and (K, C) matrices (any strides), fp32 result, fp32-class accuracy on tensor
     cores. Operands are fp32, or bf16 (the regressor weight in the feature dtype): when `a` is bf16, or `b` is and
     there is no scale_k, it runs as two bf16 MMAs, that operand exact times the hi/lo split of the other (about 16
     bits); otherwise as 3×TF32 (about 22 bits). fp16 operands are read as fp32 values: an fp16 split of Gc would
-    overflow (its entries reach M·σ², past 65,504)."""
+    overflow (its entries reach M·σ², past 65,504). a_as: an empty (R, K) tensor: `a` rounded to its dtype is the
+    operand, and is written into it (the weight's cast to the feature dtype, without a launch of its own)."""
     r, k = a.shape
     c = b.shape[1]
-    exact_a = a.dtype == torch.bfloat16
+    exact_a = (a_as if a_as is not None else a).dtype == torch.bfloat16
     exact_b = b.dtype == torch.bfloat16 and scale_k is None
     out = torch.empty((r, c), device=a.device, dtype=torch.float32)
     block, block_k = SMALL_GEMM_TILE, SMALL_GEMM_K
@@ -216,6 +221,7 @@ def fp32_matmul(a: Tensor, b: Tensor, scale_k: Tensor | None = None) -> Tensor:
         a,
         b,
         scale_k if scale_k is not None else a,
+        a_as if a_as is not None else out,
         out,
         r,
         c,
@@ -225,6 +231,7 @@ def fp32_matmul(a: Tensor, b: Tensor, scale_k: Tensor | None = None) -> Tensor:
         b.stride(0),
         b.stride(1),
         SCALE_K=scale_k is not None,
+        ROUND_A=a_as is not None,
         MODE="bf16" if exact_a or exact_b else "tf32x3",
         EXACT_A=exact_a,
         BLOCK=block,
@@ -233,16 +240,6 @@ def fp32_matmul(a: Tensor, b: Tensor, scale_k: Tensor | None = None) -> Tensor:
         num_warps=4,
     )
     return out
-
-
-def _tile_counters(device: torch.device, tiles: int) -> Tensor:
-    """The moments kernel's per-tile counters on `device`: zeroed once (grown when a call needs more tiles); the
-    kernel leaves them at 0, so steady-state calls launch nothing but the kernel."""
-    counters = _TILE_COUNTERS.get(device)
-    if counters is None or counters.numel() < tiles:
-        counters = torch.zeros(max(tiles, 64), device=device, dtype=torch.int32)
-        _TILE_COUNTERS[device] = counters
-    return counters
 
 
 def feature_moments(student: Tensor) -> tuple[Tensor, Tensor]:
@@ -267,7 +264,7 @@ def feature_moments(student: Tensor) -> tuple[Tensor, Tensor]:
         student,
         part,
         psum,
-        _tile_counters(student.device, upper_tiles),
+        tickets(student.device, upper_tiles),
         mean,
         gram,
         m,

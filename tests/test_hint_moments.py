@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastfit.kernels.hint_loss_common as common
 import fastfit.kernels.hint_loss_stats as stats
 
 pytestmark = pytest.mark.interpreter
@@ -84,11 +85,11 @@ def test_many_splits_reduce_in_the_kernel_and_leave_the_counters_at_zero(monkeyp
     monkeypatch.setattr(stats, "split_rows", lambda m, tiles, block_rows, *rest: block_rows)
     x = _features("post_relu", dtype, "channels_last")
     _check(x)
-    counters = stats._TILE_COUNTERS[x.device]
+    counters = common._TICKETS[(x.device.type, x.device.index)]
     assert int(counters.abs().sum()) == 0
     # A second call on other data reuses the same counters: only a reset after the first makes it correct.
     _check(_features("offset", dtype, "contiguous", seed=1))
-    assert stats._TILE_COUNTERS[x.device] is counters and int(counters.abs().sum()) == 0
+    assert common._TICKETS[(x.device.type, x.device.index)] is counters and int(counters.abs().sum()) == 0
 
 
 def test_stale_counters_would_be_noticed(monkeypatch):
@@ -96,7 +97,7 @@ def test_stale_counters_would_be_noticed(monkeypatch):
     monkeypatch.setattr(stats, "split_rows", lambda m, tiles, block_rows, *rest: block_rows)
     x = _features("post_relu", torch.float32, "channels_last")
     stats.hint_moments(x)
-    counters = stats._TILE_COUNTERS[x.device]
+    counters = common._TICKETS[(x.device.type, x.device.index)]
     counters[0] = 1
     with pytest.raises(AssertionError, match="Gram error"):
         _check(x)
