@@ -16,15 +16,20 @@ dY = a⊙(D − Σ_m D/M − x̂⊙Σ_m D·x̂/M) = a⊙D + c1⊙(A − mean_A) 
 so dX = dY·W and dW = dYᵀX reduce to GEMMs over D plus Cs × Cs corrections (hint_loss_grads). The conv bias gets
 Σ_m dY, which is exactly zero under batch statistics.
 
-Passes (batch-statistics BN; others skip the first two):
-  forward   column sums of X, centered Gram of X (M·Cs² FLOPs) → W·Gc → every per-channel quantity in one launch
-            (hint_loss_channels: a, e, center, r, mean_A, var_A, kept for the backward and the running-stat update)
-            → regressor GEMM + loss epilogue (2·M·Cs·Ct FLOPs; reads X, W, T; writes a few floats per row)
-  backward  regressor GEMM again + dP epilogue, writing D → dX GEMM (2·M·Ct·Cs + 2·M·Cs²) → DᵀX GEMM (2·M·Ct·Cs)
+Launches of a training call with batch statistics (no torch launch between them; every reduction across programs
+is finished inside the kernel that made its partials, by the last program to arrive: hint_loss_common.tickets):
+  prepare   moments of X: μ and the shifted Gram Gc (hint_loss_stats, one launch) → W·Gc, which also rounds W to the
+            feature dtype → every per-channel quantity a, e, center, r, mean_A, var_A and the running statistics'
+            update (hint_loss_channels). A separate op (fastfit::hint_prepare) because it mutates the running stats.
+  forward   regressor GEMM + loss epilogue (2·M·Cs·Ct FLOPs; reads X, W, T); the same launch finishes the per-sample
+            sums, the backward's per-sample coefficients and the loss (hint_loss_finalize)
+  backward  Cs ≤ 256, bf16 (hint_loss_fused_bwd): one pass recomputes A, writes D and accumulates DᵀX, then finishes
+            the per-channel gradients and dW; otherwise dP (hint_loss_tiles, writes D) → dW with the per-channel
+            gradients (hint_loss_grads). Then Wᵀ·diag(c1)·W (hint_loss_stats) → dX (2·M·Ct·Cs + 2·M·Cs²).
 Memory: D is one (M, Ct) buffer in the grad dtype (bf16 for bf16 features, else fp32), live only during backward:
 M·Ct·2 bytes in bf16 — 51 MB for layer4 (12,544 × 2048) and 103 MB for layer3 (50,176 × 1024) at batch 256, the
-size of the teacher feature. Recomputing dY inside the dX and dW GEMMs instead would redo the regressor GEMM once per
-Cs tile (dX) or need Ct × Cs atomics per row block (dW), so the buffer is the faster trade.
+size of the teacher feature. Recomputing dY inside the dX GEMM instead would redo the regressor GEMM once per Cs
+tile, so the buffer is the faster trade.
 """
 
 from __future__ import annotations

@@ -178,7 +178,18 @@ def _hint_dw_kernel(
                 sum_d += tl.load(col_part_ptr + r * CT + cs, mask=cs_ok, other=0.0)
                 sum_dx += tl.load(col_part_ptr + (R + r) * CT + cs, mask=cs_ok, other=0.0)
         scale, c1, a_sum_d = channel_coefficients(cs, cs_ok, sum_d, sum_dx, chan_ptr, CT, inv_m)
-        if pid_k == 0:
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(0, SPLITS):
+            total += tl.load(part_ptr + s * CT * CS + tile, mask=ok, other=0.0, volatile=True)
+        dw = scale[:, None] * total
+        if BN_MODE == 1:
+            mean = tl.load(mean_ptr + ks, mask=ks_ok, other=0.0)
+            wg = tl.load(wg_ptr + tile, mask=ok, other=0.0)
+            dw = dw + c1[:, None] * wg - a_sum_d[:, None] * mean[None, :]
+        tl.store(
+            dw_ptr + cs[:, None] * dw_so + ks[None, :] * dw_si, cast(dw, dw_ptr.dtype.element_ty, EMULATE), mask=ok
+        )
+        if pid_k == 0:  # after dW's tile is stored: its registers are free for the channel math
             finish_channels(
                 pid_c,
                 num_m,
@@ -204,17 +215,6 @@ def _hint_dw_kernel(
                 EMULATE,
                 FINISH_CS,
             )
-        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in range(0, SPLITS):
-            total += tl.load(part_ptr + s * CT * CS + tile, mask=ok, other=0.0, volatile=True)
-        dw = scale[:, None] * total
-        if BN_MODE == 1:
-            mean = tl.load(mean_ptr + ks, mask=ks_ok, other=0.0)
-            wg = tl.load(wg_ptr + tile, mask=ok, other=0.0)
-            dw = dw + c1[:, None] * wg - a_sum_d[:, None] * mean[None, :]
-        tl.store(
-            dw_ptr + cs[:, None] * dw_so + ks[None, :] * dw_si, cast(dw, dw_ptr.dtype.element_ty, EMULATE), mask=ok
-        )
 
 
 _hint_dx = tuned(_hint_dx_kernel)

@@ -32,7 +32,7 @@ from .hint_loss_common import (
 from .hint_loss_finalize import finish_rows
 from .rounding import cast, mma
 
-FINISH_BLOCK = 32 if INTERPRET else 256  # rows (then samples) per step of the forward's per-sample sums and loss
+FINISH_BLOCK = 32 if INTERPRET else 64  # rows (then samples) per step of the forward's per-sample sums and loss
 
 
 @triton.jit

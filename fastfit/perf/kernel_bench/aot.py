@@ -112,9 +112,13 @@ def _recording(records: list):
         JITFunction.run, Autotuner.run = saved
 
 
-def _hint_calls(n, cs, ct, h, w, dtype):
+FROZEN_OP = "hint layer4 bfloat16 frozen-regressor"  # gate only: the no-weight-gradient backward's kernels
+
+
+def _hint_calls(n, cs, ct, h, w, dtype, frozen_regressor=False):
     """Forward and backward of the MMRazor connector (1×1 conv + bias, BatchNorm training, ReLU, normalized L2) on
-    channels-last features, every gradient wanted: the trainer's call."""
+    channels-last features, every gradient wanted: the trainer's call. frozen_regressor: no weight gradient, the
+    path whose per-channel gradients run in a kernel of their own."""
     import torch
 
     from fastfit.kernels import hint_loss as hl
@@ -132,7 +136,7 @@ def _hint_calls(n, cs, ct, h, w, dtype):
         *params, mean, gram, None, None, running_mean, running_var, count, 0.1, 1e-5, hl.BATCH_STATS, n * h * w, dtype
     )
     _, coef = hl._forward(student, teacher, w_lp, chan, True, "normalized_l2")
-    grads = (True, True, True, True)
+    grads = (True, not frozen_regressor, True, True)
     args = (student, teacher, *params, mean, w_lp, chan, wg, coef, hl.BATCH_STATS, True, *grads)
     hl._backward_grads(torch.empty((), **meta), *args)
 
@@ -184,6 +188,7 @@ def capture(arch: int) -> list[Launch]:
         for d in HINT_DTYPES
         for layer, shape in HINT_SHAPES.items()
     ]
+    jobs.append((FROZEN_OP, _hint_calls, (*HINT_SHAPES["layer4"], torch.bfloat16, True), "bfloat16"))
     jobs += [(f"kd {n}x{c} {d}", _kd_calls, (n, c, getattr(torch, d)), d) for n, c, d in KD_SHAPES]
     jobs += [(f"kd_objective {n}x{c} {d}", _kd_objective_calls, (n, c, getattr(torch, d)), d) for n, c, d in KD_SHAPES]
     launches: list[Launch] = []

@@ -28,6 +28,8 @@ ASSUMPTIONS = {
     "bytes": "each tensor a kernel touches crosses HBM once (re-reads by other programs hit L2)",
     "kernel_floor": "max(bytes / bandwidth, FLOPs / peak) per kernel; kernels run one after another",
     "launch_gap_us": "1.0 µs of idle GPU per kernel boundary (launch latency, ramp-down and ramp-up), modeled",
+    "not_modeled": "L2 bandwidth (operand re-reads across programs are assumed free) and the serial tail of a "
+    "reduction finished by the last program to arrive (its reads are counted as bytes, not as a separate step)",
     "kd_objective_fast": "kd_objective … fast: the objective's upstream gradient is exactly 1 and no label is −100 "
     "(loss.backward() of the trainer's sum, no GradScaler): the backward kernel reads 8 B and returns, and the "
     "forward's gradient is the result (eager; under torch.compile the in-place fix may add a copy of it)",
