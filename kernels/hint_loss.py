@@ -16,15 +16,20 @@ dY = a⊙(D − Σ_m D/M − x̂⊙Σ_m D·x̂/M) = a⊙D + c1⊙(A − mean_A) 
 so dX = dY·W and dW = dYᵀX reduce to GEMMs over D plus Cs × Cs corrections (hint_loss_grads). The conv bias gets
 Σ_m dY, which is exactly zero under batch statistics.
 
-Passes (batch-statistics BN; others skip the first two):
-  forward   column sums of X, centered Gram of X (M·Cs² FLOPs) → W·Gc → every per-channel quantity in one launch
-            (hint_loss_channels: a, e, center, r, mean_A, var_A, kept for the backward and the running-stat update)
-            → regressor GEMM + loss epilogue (2·M·Cs·Ct FLOPs; reads X, W, T; writes a few floats per row)
-  backward  regressor GEMM again + dP epilogue, writing D → dX GEMM (2·M·Ct·Cs + 2·M·Cs²) → DᵀX GEMM (2·M·Ct·Cs)
+Launches of a training call with batch statistics (no torch launch between them; every reduction across programs
+is finished inside the kernel that made its partials, by the last program to arrive: hint_loss_common.tickets):
+  prepare   moments of X: μ and the shifted Gram Gc (hint_loss_stats, one launch) → W·Gc, which also rounds W to the
+            feature dtype → every per-channel quantity a, e, center, r, mean_A, var_A and the running statistics'
+            update (hint_loss_channels). A separate op (fastfit::hint_prepare) because it mutates the running stats.
+  forward   regressor GEMM + loss epilogue (2·M·Cs·Ct FLOPs; reads X, W, T); the same launch finishes the per-sample
+            sums, the backward's per-sample coefficients and the loss (hint_loss_finalize)
+  backward  Cs ≤ 256, bf16 (hint_loss_fused_bwd): one pass recomputes A, writes D and accumulates DᵀX, then finishes
+            the per-channel gradients and dW; otherwise dP (hint_loss_tiles, writes D) → dW with the per-channel
+            gradients (hint_loss_grads). Then Wᵀ·diag(c1)·W (hint_loss_stats) → dX (2·M·Ct·Cs + 2·M·Cs²).
 Memory: D is one (M, Ct) buffer in the grad dtype (bf16 for bf16 features, else fp32), live only during backward:
 M·Ct·2 bytes in bf16 — 51 MB for layer4 (12,544 × 2048) and 103 MB for layer3 (50,176 × 1024) at batch 256, the
-size of the teacher feature. Recomputing dY inside the dX and dW GEMMs instead would redo the regressor GEMM once per
-Cs tile (dX) or need Ct × Cs atomics per row block (dW), so the buffer is the faster trade.
+size of the teacher feature. Recomputing dY inside the dX GEMM instead would redo the regressor GEMM once per Cs
+tile, so the buffer is the faster trade.
 """
 
 from __future__ import annotations
@@ -37,11 +42,10 @@ from torch import Tensor, nn
 from .hint_loss_channels import BATCH_STATS, CHANNEL_ROWS, NO_BN, RUNNING_STATS, channel_affine, channel_grads
 from .hint_loss_checks import check_hint_inputs, unpack_connector
 from .hint_loss_common import check_runnable
-from .hint_loss_grads import hint_dt_x, hint_grad_student
+from .hint_loss_fused_bwd import fused_backward_fits, hint_backward_fused
+from .hint_loss_grads import hint_grad_student, hint_grad_weight_and_channels
 from .hint_loss_stats import fp32_matmul, hint_moments
-from .hint_loss_tiles import hint_backward_dp, hint_forward_sums
-
-NORM_EPS = 1e-12  # fastfit.distill.losses._NORM_EPS: an all-zero map normalizes to zero
+from .hint_loss_tiles import hint_backward_dp, hint_forward_loss
 
 
 def _fp32_math(device: torch.device):
@@ -59,29 +63,109 @@ def regressor_stats(w_lp: Tensor, feature_mean: Tensor, feature_gram: Tensor, m:
     return chan[4], chan[5], wg
 
 
-def _loss(kind: str, sums: Tensor, n: int, m: int, ct: int) -> Tensor:
-    if kind == "half_sq":
-        return (0.5 * sums[0].sum() / n).float()
-    if kind == "mse":
-        return (sums[0].sum() / (m * ct)).float()
-    syy, syu, suu = sums
-    ny, nu = syy.sqrt().clamp_min(NORM_EPS), suu.sqrt().clamp_min(NORM_EPS)
-    return ((syy / ny**2 - 2 * syu / (ny * nu) + suu / nu**2).sum() / n).float()
+@torch.library.custom_op("fastfit::hint_prepare", mutates_args=("update_mean", "update_var", "update_count"))
+def _hint_prepare_op(
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    feature_mean: Optional[Tensor],
+    feature_gram: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    update_mean: Optional[Tensor],
+    update_var: Optional[Tensor],
+    update_count: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+    bn_mode: int,
+    m: int,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(w_lp, chan (6, Ct), W·Gc or empty): the weight in the GEMM's dtype and every per-channel quantity, from
+    detached parameters (the hint op's own backward differentiates through them). update_*: the running statistics
+    a training call with batch statistics updates in place, as nn.BatchNorm2d does (else None)."""
+    with _fp32_math(weight.device):
+        return _prepare(
+            weight,
+            bias,
+            bn_weight,
+            bn_bias,
+            feature_mean,
+            feature_gram,
+            running_mean,
+            running_var,
+            update_mean,
+            update_var,
+            update_count,
+            momentum,
+            eps,
+            bn_mode,
+            m,
+            dtype,
+        )
 
 
-def _sample_coefficients(kind: str, sums: Tensor, grad: Tensor, n: int, m: int, ct: int) -> Tensor:
-    """(2, N) fp32: dL/dZ = α_n Z + β_n U for the rows of sample n, grad_output included."""
-    g = grad.to(torch.float64)
-    if kind in ("half_sq", "mse"):
-        alpha = (g / n if kind == "half_sq" else 2 * g / (m * ct)).expand(n)
-        return torch.stack([alpha, -alpha]).float()
-    syy, syu, suu = sums
-    ny = syy.sqrt()
-    nyc, nu = ny.clamp_min(NORM_EPS), suu.sqrt().clamp_min(NORM_EPS)
-    # d(y/max(‖y‖, ε))/dy is (I − ŷŷᵀ)/‖y‖ above ε and I/ε below it (the clamp blocks the norm's gradient).
-    alpha = torch.where(ny >= NORM_EPS, 2 * syu / (n * nyc**3 * nu), 2 / (n * nyc**2))
-    beta = -2 / (n * nyc * nu)
-    return (torch.stack([alpha, beta]) * g).float()
+def _prepare(
+    weight,
+    bias,
+    bn_weight,
+    bn_bias,
+    feature_mean,
+    feature_gram,
+    running_mean,
+    running_var,
+    update_mean,
+    update_var,
+    update_count,
+    momentum,
+    eps,
+    bn_mode,
+    m,
+    dtype,
+):
+    ct = weight.shape[0]
+    weight = weight.reshape(ct, -1)
+    wg = weight.new_empty((0,), dtype=torch.float32)
+    if bn_mode == BATCH_STATS and weight.dtype != dtype:
+        # W·Gc (kept for the backward's dW) rounds W to the feature dtype and writes it: the GEMMs' operand
+        w_lp = weight.new_empty(weight.shape, dtype=dtype)
+        wg = fp32_matmul(weight, feature_gram, a_as=w_lp)
+    else:
+        w_lp = weight.to(dtype, copy=True)  # the GEMMs' operand; batch statistics use the same values
+        if bn_mode == BATCH_STATS:
+            wg = fp32_matmul(w_lp, feature_gram)
+    update = (update_mean, update_var, update_count) if update_mean is not None else None
+    # One launch: (6, Ct) rows a, e, center, r, mean_A, var_A and the running statistics' update.
+    chan = channel_affine(
+        bn_mode,
+        w_lp,
+        feature_mean,
+        wg,
+        m,
+        bias,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        eps,
+        update,
+        momentum,
+    )
+    return w_lp, chan, wg
+
+
+@_hint_prepare_op.register_fake
+def _(weight, bias, bn_weight, bn_bias, feature_mean, feature_gram, *rest):
+    bn_mode, dtype = rest[-3], rest[-1]
+    ct = weight.shape[0]
+    cs = weight.numel() // ct
+    f32 = torch.float32
+    return (
+        weight.new_empty((ct, cs), dtype=dtype),
+        weight.new_empty((CHANNEL_ROWS, ct), dtype=f32),
+        weight.new_empty((ct, cs) if bn_mode == BATCH_STATS else (0,), dtype=f32),
+    )
 
 
 @torch.library.custom_op("fastfit::hint_loss", mutates_args=())
@@ -93,85 +177,28 @@ def _hint_loss_op(
     bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor],
     feature_mean: Optional[Tensor],
-    feature_gram: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    eps: float,
+    w_lp: Tensor,
+    chan: Tensor,
+    wg: Tensor,
     bn_mode: int,
     relu: bool,
     kind: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
+    """(loss, per-sample coefficients (2, N) fp32 kept for the backward). weight, bias, bn_weight and bn_bias are
+    here for their gradients; the forward reads w_lp and chan (hint_prepare)."""
     with _fp32_math(student.device):
-        return _forward(
-            student,
-            teacher,
-            weight,
-            bias,
-            bn_weight,
-            bn_bias,
-            feature_mean,
-            feature_gram,
-            running_mean,
-            running_var,
-            eps,
-            bn_mode,
-            relu,
-            kind,
-        )
+        return _forward(student, teacher, w_lp, chan, relu, kind)
 
 
-def _forward(
-    student,
-    teacher,
-    weight,
-    bias,
-    bn_weight,
-    bn_bias,
-    feature_mean,
-    feature_gram,
-    running_mean,
-    running_var,
-    eps,
-    bn_mode,
-    relu,
-    kind,
-):
-    n, cs, h, w = student.shape
-    ct, m = teacher.shape[1], n * h * w
-    w_lp = weight.reshape(ct, cs).to(student.dtype)  # the GEMM's operand; batch statistics use the same values
-    wg = student.new_empty((0,), dtype=torch.float32)
-    if bn_mode == BATCH_STATS:
-        wg = fp32_matmul(w_lp, feature_gram)  # W·Gc, fp32-accurate (3×TF32), kept for the backward's dW
-    # One launch for every per-channel quantity: (6, Ct) rows a, e, center, r, mean_A, var_A (hint_loss_channels).
-    chan = channel_affine(bn_mode, w_lp, feature_mean, wg, m, bias, bn_weight, bn_bias, running_mean, running_var, eps)
-    sums = hint_forward_sums(student, teacher, w_lp, chan[0], chan[1], relu, kind == "normalized_l2")
-    return _loss(kind, sums, n, m, ct), chan, wg, sums
+def _forward(student, teacher, w_lp, chan, relu, kind):
+    return hint_forward_loss(student, teacher, w_lp, chan[0], chan[1], relu, kind)
 
 
 @_hint_loss_op.register_fake
-def _(
-    student,
-    teacher,
-    weight,
-    bias,
-    bn_weight,
-    bn_bias,
-    feature_mean,
-    feature_gram,
-    running_mean,
-    running_var,
-    eps,
-    bn_mode,
-    relu,
-    kind,
-):
-    stats = teacher.shape[1] if bn_mode == BATCH_STATS else 0
-    f32 = torch.float32
+def _(student, teacher, *rest):
     return (
-        student.new_empty((), dtype=f32),
-        student.new_empty((CHANNEL_ROWS, teacher.shape[1]), dtype=f32),
-        student.new_empty((stats, student.shape[1]) if stats else (0,), dtype=f32),
-        student.new_empty((3 if kind == "normalized_l2" else 1, student.shape[0]), dtype=torch.float64),
+        student.new_empty((), dtype=torch.float32),
+        student.new_empty((2, student.shape[0]), dtype=torch.float32),
     )
 
 
@@ -185,21 +212,18 @@ def _hint_loss_backward_op(
     bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor],
     feature_mean: Optional[Tensor],
-    feature_gram: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
+    w_lp: Tensor,
     chan: Tensor,
     wg: Tensor,
-    sums: Tensor,
-    eps: float,
+    coef: Tensor,
     bn_mode: int,
     relu: bool,
-    kind: str,
     need_student: bool,
     need_weight: bool,
     need_bias: bool,
     need_bn: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dX, dW, d bias, dγ, dβ), each empty unless wanted; no torch launch between the kernels."""
     with _fp32_math(student.device):
         return _backward_grads(
             grad,
@@ -210,16 +234,12 @@ def _hint_loss_backward_op(
             bn_weight,
             bn_bias,
             feature_mean,
-            feature_gram,
-            running_mean,
-            running_var,
+            w_lp,
             chan,
             wg,
-            sums,
-            eps,
+            coef,
             bn_mode,
             relu,
-            kind,
             need_student,
             need_weight,
             need_bias,
@@ -236,82 +256,78 @@ def _backward_grads(
     bn_weight,
     bn_bias,
     feature_mean,
-    feature_gram,
-    running_mean,
-    running_var,
+    w_lp,
     chan,
     wg,
-    sums,
-    eps,
+    coef,
     bn_mode,
     relu,
-    kind,
     need_student,
     need_weight,
     need_bias,
     need_bn,
 ):
     n, cs, h, w = student.shape
-    ct, m = teacher.shape[1], n * h * w
-    w_lp = weight.reshape(ct, cs).to(student.dtype)
-    w_f = w_lp.float()
+    m = n * h * w
     scale, shift, center = chan[0], chan[1], chan[2]  # from the forward's per-channel kernel
-    coef = _sample_coefficients(kind, sums, grad, n, m, ct)
     batch = bn_mode == BATCH_STATS
     want_sums = batch or need_bias or (need_bn and bn_mode != NO_BN)
     grad_dtype = torch.bfloat16 if student.dtype == torch.bfloat16 else torch.float32
-    d, col_part = hint_backward_dp(student, teacher, w_lp, scale, shift, center, coef, relu, want_sums, grad_dtype)
-    # One launch: the column sums' reduction, dγ, dβ, the bias gradient, c1, a·Σ dP and Wa = diag(a)·W.
     f32 = torch.float32
     dtypes = tuple(p.dtype if p is not None else f32 for p in (bn_bias, bn_weight, bias))
-    coef_bn, d_beta_all, d_gamma_all, d_bias_all, weight_a = channel_grads(
-        bn_mode, col_part, chan, w_lp, m, grad_dtype, dtypes
-    )
-    c1, a_sum_d = coef_bn[0], coef_bn[1]
-    d_student, d_weight, d_bias, d_gamma, d_beta = (student.new_empty((0,)) for _ in range(5))
+
+    def none():  # a distinct empty per unwanted output: a custom op's outputs may not alias each other
+        return student.new_empty((0,))
+
+    d_student, d_weight = none(), none()
+    if fused_backward_fits(cs, grad_dtype, student.device):
+        # One launch: D, its column sums, DᵀX, the per-channel gradients, Wa, g0 and dW (hint_loss_fused_bwd).
+        d, bn_coef, d_beta, d_gamma, d_bias, weight_a, g0, dw = hint_backward_fused(
+            student,
+            teacher,
+            w_lp,
+            chan,
+            coef,
+            grad,
+            wg if batch else None,
+            feature_mean,
+            weight,
+            bn_mode,
+            relu,
+            want_sums,
+            need_student,
+            need_weight,
+            grad_dtype,
+            dtypes,
+        )
+        if need_weight:
+            d_weight = dw
+    else:
+        d, col_part = hint_backward_dp(
+            student, teacher, w_lp, scale, shift, center, coef, grad, relu, want_sums, grad_dtype
+        )
+        if need_weight:
+            # One launch: dW and, from the column sums, dγ, dβ, the bias gradient, c1, a·Σ dP, g0 and Wa.
+            bn_coef, d_beta, d_gamma, d_bias, weight_a, g0, d_weight = hint_grad_weight_and_channels(
+                d, student, col_part, chan, w_lp, wg if batch else None, feature_mean, weight, bn_mode, dtypes
+            )
+        else:
+            bn_coef, d_beta, d_gamma, d_bias, weight_a, g0 = channel_grads(
+                bn_mode, col_part, chan, w_lp, m, grad_dtype, dtypes
+            )
     if need_student:
-        g1 = g0 = None
-        if batch:
-            g1 = fp32_matmul(w_f.t(), w_f, scale_k=c1)  # Wᵀ·diag(c1)·W
-            g0 = -(w_f * a_sum_d[:, None]).sum(0) / m
-        d_student = hint_grad_student(d, weight_a, student, feature_mean, g1, g0)
-    if need_weight:
-        dw = scale[:, None] * hint_dt_x(d, student)
-        if batch:
-            dw = dw + c1[:, None] * wg - a_sum_d[:, None] * feature_mean[None, :]  # W·Gc from the forward
-        d_weight = dw.to(weight.dtype).reshape(weight.shape)
-    if need_bias:
-        d_bias = d_bias_all
-    if need_bn:
-        d_gamma, d_beta = d_gamma_all, d_beta_all
+        g1 = fp32_matmul(w_lp.t(), w_lp, scale_k=bn_coef[0]) if batch else None  # Wᵀ·diag(c1)·W
+        d_student = hint_grad_student(d, weight_a, student, feature_mean, g1, g0 if batch else None)
+    d_bias = d_bias if need_bias else none()
+    if not need_bn:
+        d_gamma, d_beta = none(), none()
     return d_student, d_weight, d_bias, d_gamma, d_beta
 
 
 @_hint_loss_backward_op.register_fake
-def _(
-    grad,
-    student,
-    teacher,
-    weight,
-    bias,
-    bn_weight,
-    bn_bias,
-    feature_mean,
-    feature_gram,
-    running_mean,
-    running_var,
-    chan,
-    wg,
-    sums,
-    eps,
-    bn_mode,
-    relu,
-    kind,
-    need_student,
-    need_weight,
-    need_bias,
-    need_bn,
-):
+def _(grad, student, teacher, weight, bias, bn_weight, bn_bias, *rest):
+    need_student, need_weight, need_bias, need_bn = rest[-4:]
+
     def none():
         return student.new_empty((0,))
 
@@ -325,42 +341,13 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    (
-        student,
-        teacher,
-        weight,
-        bias,
-        bn_weight,
-        bn_bias,
-        feature_mean,
-        feature_gram,
-        running_mean,
-        running_var,
-        eps,
-        bn_mode,
-        relu,
-        kind,
-    ) = inputs
-    _, chan, wg, sums = output
-    ctx.save_for_backward(
-        student,
-        teacher,
-        weight,
-        bias,
-        bn_weight,
-        bn_bias,
-        feature_mean,
-        feature_gram,
-        running_mean,
-        running_var,
-        chan,
-        wg,
-        sums,
-    )
-    ctx.config = (eps, bn_mode, relu, kind)
+    student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, w_lp, chan, wg, bn_mode, relu, _kind = inputs
+    _, coef = output
+    ctx.save_for_backward(student, teacher, weight, bias, bn_weight, bn_bias, feature_mean, w_lp, chan, wg, coef)
+    ctx.config = (bn_mode, relu)
 
 
-def _backward(ctx, grad_loss, _grad_chan, _grad_wg, _grad_sums):
+def _backward(ctx, grad_loss, _grad_coef):
     need = ctx.needs_input_grad
     need_bn = ctx.saved_tensors[4] is not None and (need[4] or need[5])
     grads = _hint_loss_backward_op(grad_loss, *ctx.saved_tensors, *ctx.config, need[0], need[2], need[3], need_bn)
@@ -372,51 +359,11 @@ def _backward(ctx, grad_loss, _grad_chan, _grad_wg, _grad_sums):
         d_bias if need[3] else None,
         d_gamma if need[4] else None,
         d_beta if need[5] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
+        *([None] * 7),
     )
 
 
 _hint_loss_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op(
-    "fastfit::hint_bn_update_running_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked")
-)
-def _update_running_stats(
-    running_mean: Tensor,
-    running_var: Tensor,
-    num_batches_tracked: Optional[Tensor],
-    batch_mean: Tensor,
-    batch_var: Tensor,
-    momentum: Optional[float],
-    count: int,
-) -> None:
-    # nn.BatchNorm2d's update, on the device (it reads num_batches_tracked on the host; this does not).
-    with _fp32_math(running_mean.device):
-        _update(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, momentum, count)
-
-
-def _update(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, momentum, count):
-    factor: float | Tensor = 0.0 if momentum is None else momentum
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        if momentum is None:
-            factor = 1.0 / num_batches_tracked.to(running_mean.dtype)
-    unbiased = batch_var * (count / (count - 1))
-    running_mean.lerp_(batch_mean.to(running_mean.dtype), factor)
-    running_var.lerp_(unbiased.to(running_var.dtype), factor)
-
-
-@_update_running_stats.register_fake
-def _(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, momentum, count):
-    return None
 
 
 def supports_connector(connector: nn.Module) -> bool:
@@ -532,7 +479,14 @@ def fused_hint_loss(
     if mode == BATCH_STATS:
         feature_mean, feature_gram = hint_moments(student.detach())
     running = (running_mean, running_var) if mode == RUNNING_STATS else (None, None)
-    loss, chan, _, _ = _hint_loss_op(
+    # A training call with batch statistics updates the running statistics, as nn.BatchNorm2d does.
+    update = (running_mean, running_var, num_batches_tracked) if mode == BATCH_STATS and training else (None,) * 3
+    n, _, h, w = student.shape
+    params = [p.detach() if p is not None else None for p in (weight, bias, bn_weight, bn_bias)]
+    w_lp, chan, wg = _hint_prepare_op(
+        *params, feature_mean, feature_gram, *running, *update, momentum, float(eps), mode, n * h * w, student.dtype
+    )
+    loss, _ = _hint_loss_op(
         student,
         teacher.detach(),
         weight,
@@ -540,17 +494,11 @@ def fused_hint_loss(
         bn_weight,
         bn_bias,
         feature_mean,
-        feature_gram,
-        *running,
-        float(eps),
+        w_lp,
+        chan,
+        wg,
         mode,
         bool(relu),
         kind,
     )
-    if mode == BATCH_STATS and training and running_mean is not None:
-        batch_mean = chan[4].detach() + (bias.detach().float() if bias is not None else 0.0)
-        n, _, h, w = student.shape
-        _update_running_stats(
-            running_mean, running_var, num_batches_tracked, batch_mean, chan[5].detach(), momentum, n * h * w
-        )
     return loss

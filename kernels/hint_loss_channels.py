@@ -16,13 +16,53 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .hint_loss_common import INTERPRET
+from .hint_loss_common import INTERPRET, last_arrival, tickets
 from .rounding import cast
 
 NO_BN, BATCH_STATS, RUNNING_STATS = 0, 1, 2  # = hint_loss's modes: how BatchNorm normalizes
 CHANNEL_ROWS = 6  # a, e, center, r, mean_A, var_A
 CHANNEL_BLOCK = 32 if INTERPRET else 128  # channels per program
 CHANNEL_BLOCK_CS = 32 if INTERPRET else 64  # student channels per step of the batch-statistics dot products
+
+
+@triton.jit
+def _lerp(start, end, weight):
+    # torch.lerp's formula (exact at both ends), so the running statistics match nn.BatchNorm2d's update
+    return tl.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
+
+
+@triton.jit
+def _update_running(
+    mean_ptr,
+    var_ptr,
+    count_ptr,
+    ticket_ptr,
+    cols,
+    ok,
+    batch_mean,
+    batch_var,
+    M,
+    momentum,
+    HAS_COUNT: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
+):
+    factor = momentum
+    if HAS_COUNT:
+        count = tl.load(count_ptr)
+        if CUMULATIVE:
+            factor = 1.0 / (count + 1).to(tl.float32)
+    elif CUMULATIVE:
+        factor = 0.0
+    unbiased = batch_var * (M.to(tl.float64) / (M - 1)).to(tl.float32)
+    running_mean = tl.load(mean_ptr + cols, mask=ok, other=0.0)
+    running_var = tl.load(var_ptr + cols, mask=ok, other=0.0)
+    new_mean = _lerp(running_mean.to(tl.float32), batch_mean, factor)
+    new_var = _lerp(running_var.to(tl.float32), unbiased, factor)
+    tl.store(mean_ptr + cols, new_mean.to(running_mean.dtype), mask=ok)
+    tl.store(var_ptr + cols, new_var.to(running_var.dtype), mask=ok)
+    if HAS_COUNT:
+        if last_arrival(ticket_ptr, tl.num_programs(0)):
+            tl.store(count_ptr, count + 1)
 
 
 @triton.jit
@@ -36,18 +76,32 @@ def _hint_channel_affine_kernel(
     rmean_ptr,  # (Ct,) running mean (running statistics)
     rvar_ptr,  # (Ct,) running variance (running statistics)
     out_ptr,  # (6, Ct) fp32 out: a, e, center, r, mean_A, var_A
+    upd_mean_ptr,  # (Ct,) running mean updated in place (UPDATE)
+    upd_var_ptr,  # (Ct,) running variance updated in place (UPDATE)
+    count_ptr,  # () int64 num_batches_tracked, incremented in place (UPDATE and HAS_COUNT)
+    ticket_ptr,  # one int32 ticket slot, zero at rest
     CT,  # regressor output channels
     CS,  # student channels
-    inv_m,  # 1 / M, M = N·H·W rows
+    M,  # rows N·H·W (the unbiased variance's count)
+    inv_m,  # 1 / M
     eps,  # BatchNorm's ε
+    momentum,  # running-stat momentum (unused when CUMULATIVE)
     MODE: tl.constexpr,  # NO_BN 0, BATCH_STATS 1, RUNNING_STATS 2
     HAS_BIAS: tl.constexpr,  # a conv bias is given
     HAS_AFFINE: tl.constexpr,  # BatchNorm has γ and β
+    UPDATE: tl.constexpr,  # batch statistics in training: update the running statistics like nn.BatchNorm2d
+    HAS_COUNT: tl.constexpr,  # num_batches_tracked exists
+    CUMULATIVE: tl.constexpr,  # momentum None: a cumulative average, factor 1/num_batches_tracked
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_CS: tl.constexpr,  # student channels per step (batch statistics)
 ):
     # Reads W and W·Gc once (batch statistics: 2·Ct·Cs multiply-adds), a few (Ct,) vectors; writes 6·Ct fp32.
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # UPDATE follows nn.BatchNorm2d: num_batches_tracked += 1; factor = momentum, or 1/num_batches_tracked when
+    # momentum is None (0 without a counter); running ← lerp(running, batch, factor) with the batch mean of the conv
+    # output (bias included) and its unbiased variance. Every program reads the counter before the last one (by
+    # ticket) increments it.
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < CT
     zero = tl.zeros((BLOCK_C,), dtype=tl.float32)
     b = zero
@@ -73,6 +127,21 @@ def _hint_channel_affine_kernel(
             var_a = tl.maximum(var_a * inv_m, 0.0)
             rstd = 1.0 / tl.sqrt_rn(var_a + eps)
             center = mean_a
+            if UPDATE:
+                _update_running(
+                    upd_mean_ptr,
+                    upd_var_ptr,
+                    count_ptr,
+                    ticket_ptr,
+                    cols,
+                    ok,
+                    mean_a + b,
+                    var_a,
+                    M,
+                    momentum,
+                    HAS_COUNT,
+                    CUMULATIVE,
+                )
         else:
             rvar = tl.load(rvar_ptr + cols, mask=ok, other=1.0).to(tl.float32)
             rstd = 1.0 / tl.sqrt_rn(rvar + eps)
@@ -103,10 +172,15 @@ def channel_affine(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     eps: float,
+    update: tuple[Tensor, Tensor, Tensor | None] | None = None,
+    momentum: float | None = 0.1,
 ) -> Tensor:
-    """(6, Ct) fp32 rows a, e, center, r, mean_A, var_A (the last two zero unless batch statistics)."""
+    """(6, Ct) fp32 rows a, e, center, r, mean_A, var_A (the last two zero unless batch statistics). With batch
+    statistics, `update` = (running_mean, running_var, num_batches_tracked or None) are updated in place as
+    nn.BatchNorm2d does in training, with `momentum` (None: cumulative average)."""
     ct, cs = weight_lp.shape
     out = torch.empty((CHANNEL_ROWS, ct), device=weight_lp.device, dtype=torch.float32)
+    update = update if mode == BATCH_STATS else None
     if mode == BATCH_STATS and not weight_lp.is_contiguous():
         weight_lp = weight_lp.contiguous()
     unused = out  # pointers a mode never reads (their loads compile away)
@@ -120,13 +194,22 @@ def channel_affine(
         running_mean if running_mean is not None else unused,
         running_var if running_var is not None else unused,
         out,
+        update[0] if update else unused,
+        update[1] if update else unused,
+        update[2] if update and update[2] is not None else unused,
+        tickets(weight_lp.device, 1),
         ct,
         cs,
+        m,
         1.0 / m,
         eps,
+        0.0 if momentum is None else momentum,
         MODE=mode,
         HAS_BIAS=bias is not None,
         HAS_AFFINE=bn_weight is not None,
+        UPDATE=update is not None,
+        HAS_COUNT=update is not None and update[2] is not None,
+        CUMULATIVE=momentum is None,
         BLOCK_C=CHANNEL_BLOCK,
         BLOCK_CS=CHANNEL_BLOCK_CS,
         num_warps=4,
@@ -144,6 +227,9 @@ def _hint_channel_grads_kernel(
     dgamma_ptr,  # (Ct,) out: dγ = r·Σ dP·(A − center)
     dbias_ptr,  # (Ct,) out: the conv bias gradient
     wa_ptr,  # (Ct, Cs) out: Wa = diag(a)·W in the grad dtype, row-major
+    g0_part_ptr,  # (programs, Cs) fp32 scratch: each program's share of g0 (batch statistics)
+    g0_ptr,  # (Cs,) fp32 out: g0 = −Wᵀ(a·Σ dP)/M, dX's constant batch-statistics term
+    ticket_ptr,  # one int32 ticket slot, zero at rest
     R,  # row blocks of the partial sums
     CT,  # regressor output channels
     CS,  # student channels
@@ -154,28 +240,94 @@ def _hint_channel_grads_kernel(
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_CS: tl.constexpr,  # student channels per step
 ):
-    # Reads 2·R·Ct partials, W; writes 5·Ct values and Wa. With batch statistics
-    #   c1 = −a·r²·Σ dP·(A − mean_A)/M   (dY's term along A − mean_A, see hint_loss.py)
-    # and the bias gradient is 0; otherwise it is Σ dP (no BatchNorm) or a·Σ dP (running statistics).
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # Reads 2·R·Ct partials, W; writes 5·Ct values and Wa (finish_channels).
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cols < CT
-    scale = tl.load(chan_ptr + cols, mask=ok, other=0.0)
+    sum_d = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sum_dx = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if SUMS:
-        sum_d = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        sum_dx = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for r in range(0, R):
             sum_d += tl.load(part_ptr + r * CT + cols, mask=ok, other=0.0)
             sum_dx += tl.load(part_ptr + (R + r) * CT + cols, mask=ok, other=0.0)
+    finish_channels(
+        pid,
+        tl.num_programs(0),
+        cols,
+        ok,
+        sum_d,
+        sum_dx,
+        chan_ptr,
+        w_ptr,
+        coef_ptr,
+        dbeta_ptr,
+        dgamma_ptr,
+        dbias_ptr,
+        wa_ptr,
+        g0_part_ptr,
+        g0_ptr,
+        ticket_ptr,
+        CT,
+        CS,
+        inv_m,
+        MODE,
+        SUMS,
+        EMULATE,
+        BLOCK_CS,
+    )
+
+
+@triton.jit
+def channel_coefficients(cols, ok, sum_d, sum_dx, chan_ptr, CT, inv_m):
+    """(a, c1, a·Σ dP) of `cols` from their column sums Σ dP and Σ dP·(A − center): c1 = −a·r²·Σ dP·(A − center)/M."""
+    scale = tl.load(chan_ptr + cols, mask=ok, other=0.0)
+    rstd = tl.load(chan_ptr + 3 * CT + cols, mask=ok, other=0.0)
+    return scale, -scale * rstd * rstd * sum_dx * inv_m, scale * sum_d
+
+
+@triton.jit
+def finish_channels(
+    pid,  # this program's index among the `programs` that share the g0 reduction
+    programs,
+    cols,  # (BLOCK_C,) the regressor channels this program finishes
+    ok,  # cols < Ct
+    sum_d,  # (BLOCK_C,) fp32 Σ_m dP over every row (SUMS)
+    sum_dx,  # (BLOCK_C,) fp32 Σ_m dP·(A − center) over every row (SUMS)
+    chan_ptr,  # (6, Ct) fp32 per-channel rows of the forward: a, e, center, r, mean_A, var_A
+    w_ptr,  # (Ct, Cs) regressor weight in the feature dtype, row-major
+    coef_ptr,  # (2, Ct) fp32 out: c1, a·Σ dP
+    dbeta_ptr,  # (Ct,) out: dβ = Σ dP, in its own dtype
+    dgamma_ptr,  # (Ct,) out: dγ = r·Σ dP·(A − center)
+    dbias_ptr,  # (Ct,) out: the conv bias gradient
+    wa_ptr,  # (Ct, Cs) out: Wa = diag(a)·W in the grad dtype, row-major
+    g0_part_ptr,  # (programs, Cs) fp32 scratch: each program's share of g0 (batch statistics)
+    g0_ptr,  # (Cs,) fp32 out: g0 = −Wᵀ(a·Σ dP)/M, dX's constant batch-statistics term
+    ticket_ptr,  # one int32 ticket slot, zero at rest (g0's reduction)
+    CT,  # regressor output channels
+    CS,  # student channels
+    inv_m,  # 1 / M
+    MODE: tl.constexpr,  # NO_BN 0, BATCH_STATS 1, RUNNING_STATS 2
+    SUMS: tl.constexpr,  # the column sums exist (BatchNorm or bias gradients wanted)
+    EMULATE: tl.constexpr,  # interpreter: round to the grad dtype as the GPU does
+    BLOCK_CS: tl.constexpr,  # student channels per step
+):
+    """The backward's per-channel math for `cols` once their column sums are complete; returns (c1, a·Σ dP). With
+    batch statistics
+        c1 = −a·r²·Σ dP·(A − mean_A)/M   (dY's term along A − mean_A, see hint_loss.py)
+        g0 = −Σ_c (a·Σ dP)_c·W[c, :]/M  (a reduction over every program's channels: the last one finishes it)
+    and the bias gradient is 0; otherwise it is Σ dP (no BatchNorm) or a·Σ dP (running statistics)."""
+    G0: tl.constexpr = MODE == 1 and SUMS
+    scale, c1, a_sum_d = channel_coefficients(cols, ok, sum_d, sum_dx, chan_ptr, CT, inv_m)
+    if SUMS:
         rstd = tl.load(chan_ptr + 3 * CT + cols, mask=ok, other=0.0)
-        c1 = -scale * rstd * rstd * sum_dx * inv_m
         if MODE == 1:
-            d_bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            d_bias = tl.zeros(cols.shape, dtype=tl.float32)
         elif MODE == 0:
             d_bias = sum_d
         else:
-            d_bias = scale * sum_d
+            d_bias = a_sum_d
         tl.store(coef_ptr + cols, c1, mask=ok)
-        tl.store(coef_ptr + CT + cols, scale * sum_d, mask=ok)
+        tl.store(coef_ptr + CT + cols, a_sum_d, mask=ok)
         tl.store(dbeta_ptr + cols, cast(sum_d, dbeta_ptr.dtype.element_ty, EMULATE), mask=ok)
         tl.store(dgamma_ptr + cols, cast(rstd * sum_dx, dgamma_ptr.dtype.element_ty, EMULATE), mask=ok)
         tl.store(dbias_ptr + cols, cast(d_bias, dbias_ptr.dtype.element_ty, EMULATE), mask=ok)
@@ -188,6 +340,17 @@ def _hint_channel_grads_kernel(
             cast(scale[:, None] * w, wa_ptr.dtype.element_ty, EMULATE),
             mask=m2,
         )
+        if G0:
+            tl.store(g0_part_ptr + pid * CS + ks, tl.sum(a_sum_d[:, None] * w, axis=0), mask=ks < CS)
+    if G0:
+        if last_arrival(ticket_ptr, programs):
+            for k0 in range(0, CS, BLOCK_CS):
+                ks = k0 + tl.arange(0, BLOCK_CS)
+                g0 = tl.zeros((BLOCK_CS,), dtype=tl.float32)
+                for p in range(0, programs):
+                    g0 += tl.load(g0_part_ptr + p * CS + ks, mask=ks < CS, other=0.0, volatile=True)
+                tl.store(g0_ptr + ks, -g0 * inv_m, mask=ks < CS)
+    return c1, a_sum_d
 
 
 def channel_grads(
@@ -198,17 +361,21 @@ def channel_grads(
     m: int,
     grad_dtype: torch.dtype,
     param_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(coef (2, Ct) fp32 rows c1 and a·Σ dP, dβ, dγ, bias gradient, Wa = diag(a)·W in grad_dtype) from the dP pass's
-    column partial sums `part` (2, R, Ct); without `part` only Wa is defined. param_dtypes: dβ's, dγ's and the bias
-    gradient's dtypes (each a separate tensor: the op's outputs may not alias)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(coef (2, Ct) fp32 rows c1 and a·Σ dP, dβ, dγ, bias gradient, Wa = diag(a)·W in grad_dtype, g0 (Cs,) fp32)
+    from the dP pass's column partial sums `part` (2, R, Ct); without `part` only Wa is defined, and g0 only with
+    batch statistics. param_dtypes: dβ's, dγ's and the bias gradient's dtypes (each a separate tensor: the op's
+    outputs may not alias)."""
     ct, cs = weight_lp.shape
     weight_lp = weight_lp.contiguous()
     device = chan.device
+    programs = triton.cdiv(ct, CHANNEL_BLOCK)
     coef = torch.empty((2, ct), device=device, dtype=torch.float32)
     d_beta, d_gamma, d_bias = (torch.empty((ct,), device=device, dtype=d) for d in param_dtypes)
     wa = torch.empty((ct, cs), device=device, dtype=grad_dtype)
-    _hint_channel_grads_kernel[(triton.cdiv(ct, CHANNEL_BLOCK),)](
+    g0_part = torch.empty((programs, cs), device=device, dtype=torch.float32)
+    g0 = torch.empty((cs,), device=device, dtype=torch.float32)
+    _hint_channel_grads_kernel[(programs,)](
         part if part is not None else coef,
         chan,
         weight_lp,
@@ -217,6 +384,9 @@ def channel_grads(
         d_gamma,
         d_bias,
         wa,
+        g0_part,
+        g0,
+        tickets(device, 1),
         part.shape[1] if part is not None else 0,
         ct,
         cs,
@@ -228,4 +398,4 @@ def channel_grads(
         BLOCK_CS=CHANNEL_BLOCK_CS,
         num_warps=4,
     )
-    return coef, d_beta, d_gamma, d_bias, wa
+    return coef, d_beta, d_gamma, d_bias, wa, g0

@@ -26,6 +26,8 @@ SMALL_GEMM_TILE, SMALL_GEMM_K = 64, 32  # the Cs × Cs and Ct × Cs fp32 product
 INTERPRET_TILE, INTERPRET_K = 32, 16  # tiny tiles so the small test shapes still span several programs
 TARGET_PROGRAMS_PER_SM = 2  # split-K programs for the reductions over M (Gram, dW)
 MAX_PARTIAL_ELEMENTS = 1 << 24  # 64 MiB of fp32 partial sums at most for a split-K reduction
+KIND_CODES = {"half_sq": 0, "mse": 1, "normalized_l2": 2}  # the loss kinds as the kernels' KIND constexpr
+NORM_EPS = 1e-12  # fastfit.distill.losses._NORM_EPS: an all-zero map normalizes to zero
 
 
 # Meta tensors stand for a GPU when the ahead-of-time gate captures the launchers' parameters (no device here):
@@ -191,3 +193,36 @@ def widen(x, INDEX_64: tl.constexpr):
         return x.to(tl.int64)
     else:
         return x
+
+
+# Last-arrival tickets: a reduction across programs finishes inside the kernel that produced its partials (no torch
+# sum, no second launch). One int32 buffer per device, zeros at rest: the program that takes the last ticket of a
+# slot resets it, so the next launch (or a CUDA-graph replay) finds zeros again. Kernels on one stream run one after
+# another and may share it; ops on concurrent streams must not.
+_TICKETS: dict[tuple[str, int | None], torch.Tensor] = {}
+TICKET_SLOTS_MIN = 4096
+
+
+def tickets(device: torch.device, slots: int) -> torch.Tensor:
+    """At least `slots` int32 zeros on `device`, allocated once (grown when a launch needs more)."""
+    key = (device.type, device.index)
+    buffer = _TICKETS.get(key)
+    if buffer is None or buffer.numel() < slots:
+        # meta (the AOT gate's capture): nothing to zero, and a one-time fill is not part of a launch's cost
+        make = torch.empty if device.type == "meta" else torch.zeros
+        buffer = make(max(slots, TICKET_SLOTS_MIN), dtype=torch.int32, device=device)
+        _TICKETS[key] = buffer
+    return buffer
+
+
+@triton.jit
+def last_arrival(ticket_ptr, expected):
+    """True in the one program, of the `expected` programs sharing the slot at ticket_ptr, that arrives last; that
+    program resets the slot to 0. Its loads after the call see every store the others made before theirs: each
+    program's threads meet at a barrier before one acq_rel atomic publishes them (CUTLASS's semaphore pattern)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+    last = arrived == expected - 1
+    if last:
+        tl.store(ticket_ptr, 0)
+    return last

@@ -1,7 +1,7 @@
 """The hint loss backward's two GEMMs over D = dL/dP (M × Ct, written by hint_loss_tiles):
 
     dX = D·Wa + (X − μ)·G1 + g0      Wa = diag(a)·W; G1, g0 only for batch-statistics BatchNorm
-    DᵀX                               dW = diag(a)·DᵀX + (batch-statistics correction, added by the caller)
+    dW = diag(a)·DᵀX (+ diag(c1)·W·Gc − (a·Σ dP)·μᵀ)   in the same launch, the split-K partials finished in-kernel
 
 With batch statistics dY = a⊙dP + c1⊙(A − mean_A) − a⊙Σ_m dP / M, and A − mean_A = (X − μ)Wᵀ turns the middle term
 of dY·W into (X − μ)·Wᵀdiag(c1)W = (X − μ)·G1: a Cs × Cs matrix instead of a second M × Ct buffer.
@@ -16,15 +16,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .hint_loss_channels import channel_coefficients, finish_channels
 from .hint_loss_common import (
     INTERPRET,
     fixed_meta,
     grouped_tile,
+    last_arrival,
     mma_mode,
     needs_int64,
     output_tile,
     row_offsets,
     split_rows,
+    tickets,
     tile_for,
     tuned,
     widen,
@@ -99,6 +102,22 @@ def _hint_dw_kernel(
     d_ptr,  # (M, Ct) D = dL/dP, row-major, bf16 for bf16 features else fp32
     s_ptr,  # (N, Cs, H, W) student feature X, fp32/bf16/fp16, any strides
     part_ptr,  # fp32 partial sums, one slot per program (layout in the comment below)
+    col_part_ptr,  # (2, R, Ct) fp32 column sums Σ dP, Σ dP·(A − center) per row block of the dP kernel
+    chan_ptr,  # (6, Ct) fp32 per-channel rows of the forward: a, e, center, r, mean_A, var_A
+    w_ptr,  # (Ct, Cs) regressor weight in the feature dtype, row-major (for Wa and g0)
+    coef_ptr,  # (2, Ct) fp32 out: c1, a·Σ dP (the G1 kernel reads c1)
+    dbeta_ptr,  # (Ct,) out: dβ
+    dgamma_ptr,  # (Ct,) out: dγ
+    dbias_ptr,  # (Ct,) out: the conv bias gradient
+    wa_ptr,  # (Ct, Cs) out: Wa = diag(a)·W in the grad dtype
+    g0_part_ptr,  # (Ct blocks, Cs) fp32 scratch
+    g0_ptr,  # (Cs,) fp32 out: g0 (batch statistics)
+    wg_ptr,  # (Ct, Cs) fp32 W·Gc of the forward (batch statistics)
+    mean_ptr,  # (Cs,) fp32 column mean μ of X (batch statistics)
+    dw_ptr,  # (Ct, Cs) out: dW in the weight's dtype, through its strides
+    ticket_ptr,  # 1 + output tiles int32 ticket slots, zero at rest (slot 0: g0)
+    R,  # row blocks of the column sums
+    inv_m,  # 1 / M
     M,  # rows of X: N·H·W
     CS,  # student channels (GEMM K forward, N of dX)
     CT,  # regressor output channels
@@ -108,18 +127,27 @@ def _hint_dw_kernel(
     s_sc,  # … over C
     s_sh,  # … over H
     s_sw,  # … over W
+    dw_so,  # dW stride over output channels
+    dw_si,  # dW stride over input channels
     ROWS_PER_PROG,  # rows of M each split-K program reduces (a multiple of the row block)
+    SPLITS,  # split-K programs per output tile
     BLOCK_M: tl.constexpr,  # tile rows
     BLOCK_N: tl.constexpr,  # tile columns
     BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
     GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
+    BN_MODE: tl.constexpr,  # NO_BN 0, BATCH_STATS 1 (adds c1·(W·Gc) − (a·Σ dP)·μᵀ), RUNNING_STATS 2
+    SUMS: tl.constexpr,  # the column sums exist (BatchNorm or bias gradients wanted)
+    FINISH_CS: tl.constexpr,  # student channels per step of the per-channel finish
     MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
     EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
     INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
 ):
     # part[s] tile (BLOCK_M regressor channels, BLOCK_N student channels) = Σ_{m in split s} D[m, c]·X[m, k].
-    # The reduction runs over M, so it is split across program_id(1) for parallelism; torch sums the fp32 partials.
-    # Whole op: 2·M·Ct·Cs FLOPs; D and X read once per tile column/row (L2), splits·Ct·Cs fp32 written.
+    # The reduction runs over M, so it is split across program_id(1) for parallelism; the split that finishes a
+    # tile last adds the partials in split order (deterministic) and writes
+    #   dW = diag(a)·DᵀX (+ diag(c1)·W·Gc − (a·Σ dP)·μᵀ with batch statistics)
+    # in the weight's dtype. Whole op: 2·M·Ct·Cs FLOPs; D and X read once per tile column/row (L2), splits·Ct·Cs
+    # fp32 partials written and read back once.
     num_m = tl.cdiv(CT, BLOCK_M)
     num_n = tl.cdiv(CS, BLOCK_N)
     pid_c, pid_k = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -137,7 +165,56 @@ def _hint_dw_kernel(
         s_rows = row_offsets(rows, HW, W, s_sn, s_sh, s_sw)
         x = tl.load(s_ptr + s_rows[:, None] + ks[None, :] * s_sc, mask=r_ok[:, None] & ks_ok[None, :], other=0.0)
         acc = mma(tl.trans(d), x, acc, MODE, EMULATE)
-    tl.store(part_ptr + pid_s * CT * CS + cs[:, None] * CS + ks[None, :], acc, mask=cs_ok[:, None] & ks_ok[None, :])
+    ok = cs_ok[:, None] & ks_ok[None, :]
+    tile = cs[:, None] * CS + ks[None, :]
+    tl.store(part_ptr + pid_s * CT * CS + tile, acc, mask=ok)
+    if last_arrival(ticket_ptr + 1 + pid_c * num_n + pid_k, SPLITS):
+        # The dP kernel's column sums are complete (it ran before): every tile gets its channels' coefficients,
+        # the tiles of the first student-channel block also finish those channels (hint_loss_channels).
+        sum_d = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        sum_dx = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if SUMS:
+            for r in range(0, R):
+                sum_d += tl.load(col_part_ptr + r * CT + cs, mask=cs_ok, other=0.0)
+                sum_dx += tl.load(col_part_ptr + (R + r) * CT + cs, mask=cs_ok, other=0.0)
+        scale, c1, a_sum_d = channel_coefficients(cs, cs_ok, sum_d, sum_dx, chan_ptr, CT, inv_m)
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(0, SPLITS):
+            total += tl.load(part_ptr + s * CT * CS + tile, mask=ok, other=0.0, volatile=True)
+        dw = scale[:, None] * total
+        if BN_MODE == 1:
+            mean = tl.load(mean_ptr + ks, mask=ks_ok, other=0.0)
+            wg = tl.load(wg_ptr + tile, mask=ok, other=0.0)
+            dw = dw + c1[:, None] * wg - a_sum_d[:, None] * mean[None, :]
+        tl.store(
+            dw_ptr + cs[:, None] * dw_so + ks[None, :] * dw_si, cast(dw, dw_ptr.dtype.element_ty, EMULATE), mask=ok
+        )
+        if pid_k == 0:  # after dW's tile is stored: its registers are free for the channel math
+            finish_channels(
+                pid_c,
+                num_m,
+                cs,
+                cs_ok,
+                sum_d,
+                sum_dx,
+                chan_ptr,
+                w_ptr,
+                coef_ptr,
+                dbeta_ptr,
+                dgamma_ptr,
+                dbias_ptr,
+                wa_ptr,
+                g0_part_ptr,
+                g0_ptr,
+                ticket_ptr,
+                CT,
+                CS,
+                inv_m,
+                BN_MODE,
+                SUMS,
+                EMULATE,
+                FINISH_CS,
+            )
 
 
 _hint_dx = tuned(_hint_dx_kernel)
@@ -182,31 +259,77 @@ def hint_grad_student(
     return grad
 
 
-def hint_dt_x(d: Tensor, student: Tensor) -> Tensor:
-    """DᵀX as an fp32 (Ct, Cs) matrix."""
+def hint_grad_weight_and_channels(
+    d: Tensor,
+    student: Tensor,
+    col_part: Tensor | None,
+    chan: Tensor,
+    weight_lp: Tensor,
+    wg: Tensor | None,
+    mean: Tensor | None,
+    weight: Tensor,
+    bn_mode: int,
+    param_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(bn_coef (2, Ct): c1 and a·Σ dP, dβ, dγ, bias gradient, Wa, g0, dW shaped and typed like `weight`) in one
+    launch: dW = diag(a)·DᵀX (+ diag(c1)·W·Gc − (a·Σ dP)·μᵀ when wg is given: batch statistics), and the per-channel
+    gradients from the dP kernel's column sums `col_part` (2, R, Ct) (hint_loss_channels.finish_channels)."""
     n, cs, h, w = student.shape
     m, ct = d.shape
+    device = d.device
+    weight_lp = weight_lp.contiguous()
     block_m, block_n = tile_for(d.dtype, d.device)
-    tiles = triton.cdiv(ct, block_m) * triton.cdiv(cs, block_n)
+    ct_blocks = triton.cdiv(ct, block_m)
+    tiles = ct_blocks * triton.cdiv(cs, block_n)
     rows = split_rows(m, tiles, block_m, ct * cs, student.device)
     splits = triton.cdiv(m, rows)
-    part = torch.empty((splits, ct, cs), device=d.device, dtype=torch.float32)
+    f32 = torch.float32
+    part = torch.empty((splits, ct, cs), device=device, dtype=f32)
+    bn_coef = torch.empty((2, ct), device=device, dtype=f32)
+    d_beta, d_gamma, d_bias = (torch.empty((ct,), device=device, dtype=t) for t in param_dtypes)
+    wa = torch.empty((ct, cs), device=device, dtype=d.dtype)
+    g0_part = torch.empty((ct_blocks, cs), device=device, dtype=f32)
+    g0 = torch.empty((cs,), device=device, dtype=f32)
+    grad = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    out = grad.view(ct, cs)
+    batch_stats = wg is not None
     _hint_dw[(tiles, splits)](
         d,
         student,
         part,
+        col_part if col_part is not None else bn_coef,
+        chan,
+        weight_lp,
+        bn_coef,
+        d_beta,
+        d_gamma,
+        d_bias,
+        wa,
+        g0_part,
+        g0,
+        wg if batch_stats else part,
+        mean if batch_stats else part,
+        out,
+        tickets(device, 1 + tiles),
+        col_part.shape[1] if col_part is not None else 0,
+        1.0 / m,
         m,
         cs,
         ct,
         h * w,
         w,
         *student.stride(),
+        *out.stride(),
         rows,
+        splits,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        BN_MODE=bn_mode,
+        SUMS=col_part is not None,
+        FINISH_CS=16 if INTERPRET else 32,
         MODE=mma_mode(d.dtype),
         EMULATE=INTERPRET,
         INDEX_64=needs_int64(d, student, part),
         **fixed_meta(),
     )
-    return part.sum(0)
+    return bn_coef, d_beta, d_gamma, d_bias, wa, g0, grad

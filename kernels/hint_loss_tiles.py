@@ -16,17 +16,23 @@ from torch import Tensor
 
 from .hint_loss_common import (
     INTERPRET,
+    KIND_CODES,
+    NORM_EPS,
     check_runnable,
     fixed_meta,
     mma_mode,
     needs_int64,
     output_tile,
     row_offsets,
+    tickets,
     tile_for,
     tuned,
     widen,
 )
+from .hint_loss_finalize import finish_rows
 from .rounding import cast, mma
+
+FINISH_BLOCK = 32 if INTERPRET else 64  # rows (then samples) per step of the forward's per-sample sums and loss
 
 
 @triton.jit
@@ -130,11 +136,16 @@ def _hint_fwd_kernel(
     scale_ptr,  # (Ct,) fp32 per-channel scale a of P = A·a + e (bias and BatchNorm folded)
     shift_ptr,  # (Ct,) fp32 per-channel shift e
     part_ptr,  # fp32 partial sums, one slot per program (layout in the comment below)
+    sums_ptr,  # (S, N) fp64 out: per-sample sums (hint_loss_finalize)
+    coef_ptr,  # (2, N) fp32 out: per-sample backward coefficients at an upstream gradient of 1
+    loss_ptr,  # () fp32 out: the loss
+    ticket_ptr,  # 1 + N int32 ticket slots, zero at rest
     M,  # rows of X: N·H·W
     CS,  # student channels (GEMM K forward, N of dX)
     CT,  # regressor output channels
     HW,  # H·W: rows per sample
     W,  # feature-map width (row m = (n·H + h)·W + w)
+    NSAMPLES,  # N
     s_sn,  # student strides (elements) over N
     s_sc,  # … over C
     s_sh,  # … over H
@@ -150,7 +161,9 @@ def _hint_fwd_kernel(
     BLOCK_K: tl.constexpr,  # K step of the GEMM loop (autotuned)
     GROUP_M: tl.constexpr,  # tile rows per group of the grouped program order (autotuned)
     RELU: tl.constexpr,  # Z = relu(P) (else Z = P)
-    NORMALIZED: tl.constexpr,  # normalized L2 (three sums per row) rather than a squared error (one)
+    KIND: tl.constexpr,  # 0 half_sq, 1 mse, 2 normalized_l2 (three sums per row rather than one)
+    EPS: tl.constexpr,  # norm clamp of normalized L2
+    FINISH_BLOCK: tl.constexpr,  # rows (samples) per step of the per-sample sums and the loss
     MODE: tl.constexpr,  # MMA operands: "bf16", "fp16" or "tf32x3" (see rounding.mma)
     EMULATE: tl.constexpr,  # interpreter: apply the GPU's roundings explicitly (rounding.py)
     INDEX_64: tl.constexpr,  # int64 offsets (a tensor spans 2³¹ elements)
@@ -195,13 +208,33 @@ def _hint_fwd_kernel(
     # No masking of Z needed: padded columns are exactly 0 (W, scale, shift and T load as 0) and padded rows only
     # reach their own, unstored, row sums.
     out = part_ptr + pid_n * M + rows
-    if NORMALIZED:
+    if KIND == 2:
         tl.store(out, tl.sum(z * z, axis=1), mask=rows_ok)
         tl.store(out + num_n * M, tl.sum(z * u, axis=1), mask=rows_ok)
         tl.store(out + 2 * num_n * M, tl.sum(u * u, axis=1), mask=rows_ok)
     else:
         d = z - u
         tl.store(out, tl.sum(d * d, axis=1), mask=rows_ok)
+    first_row = pid_m * BLOCK_M
+    last_row = tl.minimum(first_row + BLOCK_M, M) - 1
+    finish_rows(
+        part_ptr,
+        sums_ptr,
+        coef_ptr,
+        loss_ptr,
+        ticket_ptr,
+        first_row,
+        last_row,
+        M,
+        HW,
+        num_n,
+        NSAMPLES,
+        CT,
+        BLOCK_M,
+        KIND,
+        EPS,
+        FINISH_BLOCK,
+    )
 
 
 @triton.jit
@@ -212,7 +245,8 @@ def _hint_bwd_dp_kernel(
     scale_ptr,  # (Ct,) fp32 per-channel scale a of P = A·a + e (bias and BatchNorm folded)
     shift_ptr,  # (Ct,) fp32 per-channel shift e
     center_ptr,  # (Ct,) fp32 BatchNorm centre of A (mean_A, or running mean − bias)
-    coef_ptr,  # (2, N) fp32 per-sample α, β of dL/dZ = αZ + βU, grad_output folded in
+    coef_ptr,  # (2, N) fp32 per-sample α, β of the forward (hint_loss_finalize), for an upstream gradient of 1
+    grad_ptr,  # () fp32 upstream gradient of the loss
     d_ptr,  # (M, Ct) D = dL/dP, row-major, bf16 for bf16 features else fp32
     part_ptr,  # fp32 partial sums, one slot per program (layout in the comment below)
     M,  # rows of X: N·H·W
@@ -280,8 +314,9 @@ def _hint_bwd_dp_kernel(
     if RELU:
         z = tl.maximum(p, 0.0)
     sample = rows // HW
-    alpha = tl.load(coef_ptr + sample, mask=rows_ok, other=0.0)
-    beta = tl.load(coef_ptr + NSAMPLES + sample, mask=rows_ok, other=0.0)
+    g = tl.load(grad_ptr)
+    alpha = tl.load(coef_ptr + sample, mask=rows_ok, other=0.0) * g
+    beta = tl.load(coef_ptr + NSAMPLES + sample, mask=rows_ok, other=0.0) * g
     dp = alpha[:, None] * z + beta[:, None] * u
     if RELU:
         dp = tl.where(p > 0.0, dp, 0.0)
@@ -318,17 +353,21 @@ def _layout_args(student: Tensor, teacher: Tensor, weight_lp: Tensor) -> tuple:
     )
 
 
-def hint_forward_sums(
-    student: Tensor, teacher: Tensor, weight_lp: Tensor, scale: Tensor, shift: Tensor, relu: bool, normalized: bool
-) -> Tensor:
-    """Per-sample loss sums: (3, N) = (‖y‖², y·u, ‖u‖²) when normalized, else (1, N) = Σ (y − u)², float64."""
+def hint_forward_loss(
+    student: Tensor, teacher: Tensor, weight_lp: Tensor, scale: Tensor, shift: Tensor, relu: bool, kind: str
+) -> tuple[Tensor, Tensor]:
+    """(0-dim fp32 loss, (2, N) fp32 per-sample backward coefficients at an upstream gradient of 1), one launch."""
     check_runnable(student, "the student feature")
-    n, _, h, w = student.shape
+    n = student.shape[0]
     args = _layout_args(student, teacher, weight_lp)
     m, ct = args[0], args[2]
     block_m, block_n = tile_for(student.dtype, student.device)
     num_n = triton.cdiv(ct, block_n)
+    normalized = kind == "normalized_l2"
     part = torch.empty((3 if normalized else 1, num_n, m), device=student.device, dtype=torch.float32)
+    sums = torch.empty((3 if normalized else 1, n), device=student.device, dtype=torch.float64)
+    coef = torch.empty((2, n), device=student.device, dtype=torch.float32)
+    loss = torch.empty((), device=student.device, dtype=torch.float32)
     grid = (triton.cdiv(m, block_m) * num_n,)
     _hint_fwd[grid](
         student,
@@ -337,17 +376,25 @@ def hint_forward_sums(
         scale,
         shift,
         part,
-        *args,
+        sums,
+        coef,
+        loss,
+        tickets(student.device, n + 1),
+        *args[:5],
+        n,
+        *args[5:],
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         RELU=relu,
-        NORMALIZED=normalized,
+        KIND=KIND_CODES[kind],
+        EPS=NORM_EPS,
+        FINISH_BLOCK=FINISH_BLOCK,
         MODE=mma_mode(student.dtype),
         EMULATE=INTERPRET,
         INDEX_64=needs_int64(student, teacher, part),
         **fixed_meta(),
     )
-    return part.sum(dim=1, dtype=torch.float64).view(part.shape[0], n, h * w).sum(dim=2)
+    return loss, coef
 
 
 def hint_backward_dp(
@@ -358,11 +405,14 @@ def hint_backward_dp(
     shift: Tensor,
     center: Tensor,
     coef: Tensor,
+    grad: Tensor,
     relu: bool,
     sums: bool,
     grad_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor | None]:
-    """D = dL/dP as an (M, Ct) matrix of grad_dtype, and when sums the (2, row blocks, Ct) fp32 column partial sums
+    """D = dL/dP as an (M, Ct) matrix of grad_dtype (the forward's per-sample coefficients `coef` (2, N) times the
+    0-dim upstream gradient `grad`), and when
+    sums the (2, row blocks, Ct) fp32 column partial sums
     of dP and dP·(A − center) (hint_loss_channels.channel_grads reduces them)."""
     n = student.shape[0]
     args = _layout_args(student, teacher, weight_lp)
@@ -380,6 +430,7 @@ def hint_backward_dp(
         shift,
         center,
         coef,
+        grad,
         d,
         part,
         *args[:5],

@@ -65,3 +65,22 @@ def mma(a, b, acc, MODE: tl.constexpr, EMULATE: tl.constexpr):
             return tl.dot(a, b, acc, input_precision="ieee")
         else:
             return tl.dot(a.to(op_ty), b.to(op_ty), acc)
+
+
+@triton.jit
+def split16(x, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 x → (hi, lo) in the 16-bit DTYPE: hi = x rounded to nearest even, lo = (x − hi) rounded again, so
+    hi + lo keeps about twice DTYPE's significant bits (bf16: ~16, fp16: ~22); x − hi is exact in fp32."""
+    hi = cast(x, DTYPE, EMULATE)
+    lo = cast(x - hi.to(tl.float32), DTYPE, EMULATE)
+    return hi, lo
+
+
+@triton.jit
+def dot16(a, b, acc, EMULATE: tl.constexpr):
+    """acc + a·b for operands already in bf16/fp16: exact products, fp32 accumulation on tensor cores. The
+    interpreter's 16-bit dots are wrong, so there the (exactly representable) operands are upcast to fp32 first."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)

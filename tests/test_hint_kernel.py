@@ -242,6 +242,38 @@ def test_matches_reference_resnet_like_shape():
     _check_once(shape="resnet_like", kind="normalized_l2", bn="train", grad_scale=10.0)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"kind": "normalized_l2", "bn": "train"},
+        {"kind": "half_sq", "bn": "eval", "relu": False},
+        {"kind": "mse", "bn": None},
+        {"shape": "resnet_like", "bn": "train", "grad_scale": 10.0},
+        {"shape": "wide_odd", "dtype": torch.bfloat16, "kind": "normalized_l2"},
+    ],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
+)
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_both_backward_paths_match_the_reference(case, path, monkeypatch):
+    """The fused first pass (hint_loss_fused_bwd) runs for bf16 D with at most FUSED_MAX_CS student channels; every
+    other call takes the split dP, channel and dW kernels. Force each path for every case, fp32 included, so both
+    are held to the fp32 tolerances."""
+    from fastfit.kernels import hint_loss_fused_bwd
+
+    if path == "fused":
+        monkeypatch.setattr(hint_loss_fused_bwd, "FUSED_GRAD_DTYPES", (torch.bfloat16, torch.float32))
+    else:
+        monkeypatch.setattr(hint_loss_fused_bwd, "FUSED_MAX_CS", 0)
+    calls = []
+    real = hint_loss_fused_bwd.hint_backward_fused
+    monkeypatch.setattr(hint_loss_fused_bwd, "hint_backward_fused", lambda *a: calls.append(1) or real(*a))
+    from fastfit.kernels import hint_loss
+
+    monkeypatch.setattr(hint_loss, "hint_backward_fused", hint_loss_fused_bwd.hint_backward_fused)
+    _check_once(**case)
+    assert bool(calls) == (path == "fused")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", HINT_KINDS)
 def test_matches_reference_16bit(kind, dtype):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from fastfit.perf.kernel_bench.aot import HINT_DTYPES, HINT_SHAPES, KD_SHAPES, SMEM_LIMIT
+from fastfit.perf.kernel_bench.aot import FROZEN_OP, HINT_DTYPES, HINT_SHAPES, KD_SHAPES, SMEM_LIMIT
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +46,24 @@ def test_the_gate_covers_every_op_shape_dtype_and_arch(report):
     seen = {(r["launch"]["op"], r["launch"]["arch"]) for r in _gated(data["results"])}
     ops = {f"hint {layer} {d}" for layer in HINT_SHAPES for d in HINT_DTYPES}
     ops |= {f"{kd} {n}x{c} {d}" for n, c, d in KD_SHAPES for kd in ("kd", "kd_objective")}
+    ops.add(FROZEN_OP)
     assert seen == {(op, arch) for op in ops for arch in (90, 80)}
-    kernels = {r["launch"]["kernel"] for r in _gated(data["results"]) if r["launch"]["op"] == "hint layer4 bfloat16"}
-    assert kernels == {
-        "_hint_colsum_kernel",
-        "_hint_gram_kernel",
-        "_small_gemm_kernel",
-        "_hint_channel_affine_kernel",
-        "_hint_fwd_kernel",
-        "_hint_bwd_dp_kernel",
-        "_hint_channel_grads_kernel",
-        "_hint_dx_kernel",
-        "_hint_dw_kernel",
-    }
+
+    def kernels(op, arch):
+        return {
+            r["launch"]["kernel"]
+            for r in _gated(data["results"])
+            if (r["launch"]["op"], r["launch"]["arch"]) == (op, arch)
+        }
+
+    forward = {"_hint_moments_kernel", "_small_gemm_kernel", "_hint_channel_affine_kernel", "_hint_fwd_kernel"}
+    split = forward | {"_hint_bwd_dp_kernel", "_hint_dx_kernel", "_hint_dw_kernel"}
+    for arch in (90, 80):
+        assert kernels("hint layer4 bfloat16", arch) == split  # Cs 512: the split backward
+        assert kernels(FROZEN_OP, arch) == split - {"_hint_dw_kernel"} | {"_hint_channel_grads_kernel"}
+    # Cs 256, bf16: the fused first pass on sm_90; sm_80's register-held operands would spill it
+    assert kernels("hint layer3 bfloat16", 90) == forward | {"_hint_bwd_fused_kernel", "_hint_dx_kernel"}
+    assert kernels("hint layer3 bfloat16", 80) == split
 
 
 def test_gemms_run_on_tensor_cores_with_the_right_operands(report):

@@ -112,9 +112,13 @@ def _recording(records: list):
         JITFunction.run, Autotuner.run = saved
 
 
-def _hint_calls(n, cs, ct, h, w, dtype):
+FROZEN_OP = "hint layer4 bfloat16 frozen-regressor"  # gate only: the no-weight-gradient backward's kernels
+
+
+def _hint_calls(n, cs, ct, h, w, dtype, frozen_regressor=False):
     """Forward and backward of the MMRazor connector (1×1 conv + bias, BatchNorm training, ReLU, normalized L2) on
-    channels-last features, every gradient wanted: the trainer's call."""
+    channels-last features, every gradient wanted: the trainer's call. frozen_regressor: no weight gradient, the
+    path whose per-channel gradients run in a kernel of their own."""
     import torch
 
     from fastfit.kernels import hint_loss as hl
@@ -124,12 +128,17 @@ def _hint_calls(n, cs, ct, h, w, dtype):
     student = torch.empty(n, cs, h, w, dtype=dtype, memory_format=torch.channels_last, **meta)
     teacher = torch.empty(n, ct, h, w, dtype=dtype, memory_format=torch.channels_last, **meta)
     weight = torch.empty(ct, cs, 1, 1, **meta)
-    bias, gamma, beta = (torch.empty(ct, **meta) for _ in range(3))
+    bias, gamma, beta, running_mean, running_var = (torch.empty(ct, **meta) for _ in range(5))
+    count = torch.empty((), dtype=torch.int64, **meta)
     mean, gram = feature_moments(student)
-    args = (student, teacher, weight, bias, gamma, beta, mean, gram, None, None)
-    _, chan, wg, sums = hl._forward(*args, 1e-5, hl.BATCH_STATS, True, "normalized_l2")
-    config = (1e-5, hl.BATCH_STATS, True, "normalized_l2", True, True, True, True)
-    hl._backward_grads(torch.empty((), **meta), *args, chan, wg, sums, *config)
+    params = (weight, bias, gamma, beta)
+    w_lp, chan, wg = hl._prepare(
+        *params, mean, gram, None, None, running_mean, running_var, count, 0.1, 1e-5, hl.BATCH_STATS, n * h * w, dtype
+    )
+    _, coef = hl._forward(student, teacher, w_lp, chan, True, "normalized_l2")
+    grads = (True, not frozen_regressor, True, True)
+    args = (student, teacher, *params, mean, w_lp, chan, wg, coef, hl.BATCH_STATS, True, *grads)
+    hl._backward_grads(torch.empty((), **meta), *args)
 
 
 def _kd_calls(n, c, dtype):
@@ -179,6 +188,7 @@ def capture(arch: int) -> list[Launch]:
         for d in HINT_DTYPES
         for layer, shape in HINT_SHAPES.items()
     ]
+    jobs.append((FROZEN_OP, _hint_calls, (*HINT_SHAPES["layer4"], torch.bfloat16, True), "bfloat16"))
     jobs += [(f"kd {n}x{c} {d}", _kd_calls, (n, c, getattr(torch, d)), d) for n, c, d in KD_SHAPES]
     jobs += [(f"kd_objective {n}x{c} {d}", _kd_objective_calls, (n, c, getattr(torch, d)), d) for n, c, d in KD_SHAPES]
     launches: list[Launch] = []
@@ -209,7 +219,7 @@ def capture(arch: int) -> list[Launch]:
                         attrs={names[k[0]]: v for k, v in attrs.items()},
                         options={k: options.__dict__[k] for k in ("num_warps", "num_stages")},
                         grid=list(grid(kw) if callable(grid) else grid),
-                        mma_operand=_mma_operand(name, dname),
+                        mma_operand=_mma_operand(name, dname, kw.get("MODE")),
                         vector_loads=name.startswith("_kd_") and c is not None and c % 4 == 0,
                         tensor_bytes=sum(
                             t.numel() * t.element_size()
@@ -224,11 +234,14 @@ def _plain(value):
     return value.value if hasattr(value, "value") else str(value) if value.__class__.__name__ == "dtype" else value
 
 
-def _mma_operand(kernel: str, dtype: str) -> str:
-    # Statistics GEMMs (Gram, the small fp32 products) run 3×TF32 on fp32 values whatever the feature dtype; the
+def _mma_operand(kernel: str, dtype: str, mode: str | None) -> str:
+    # Statistics GEMMs run on fp32 values: 3×TF32 for fp32 features; for 16-bit features the moments kernel splits
+    # them into bf16 hi + lo, and the small products do when one operand is the bf16 weight (MODE "bf16"). The
     # backward GEMMs of fp16 features read fp32 D (fp16 would underflow), hence 3×TF32 as well.
-    if kernel in ("_hint_gram_kernel", "_small_gemm_kernel"):
-        return "tf32"
+    if kernel == "_hint_moments_kernel":
+        return "tf32" if dtype == "float32" else "bf16"
+    if kernel == "_small_gemm_kernel":
+        return "bf16" if mode == "bf16" else "tf32"
     if dtype == "float16" and kernel in ("_hint_dx_kernel", "_hint_dw_kernel"):
         return "tf32"
     return MMA_OPERAND[dtype]
