@@ -237,8 +237,10 @@ def hint_backward_fused(
     weight_lp = weight_lp.contiguous()
     block_m, block_n = INTERPRET_TILE if INTERPRET else FUSED_TILE
     num_n = triton.cdiv(ct, block_n)
-    sms = device_limits(device)[0]
-    chunks = max(1, min(triton.cdiv(CHUNKS_PER_SM * sms, num_n), triton.cdiv(m, block_m)))
+    # Enough programs to fill the GPU; two chunks under the interpreter (still a real cross-chunk reduction, and
+    # each program is a slow Python-level loop there).
+    target = 2 if INTERPRET else triton.cdiv(CHUNKS_PER_SM * device_limits(device)[0], num_n)
+    chunks = max(1, min(target, triton.cdiv(m, block_m)))
     rows = triton.cdiv(triton.cdiv(m, chunks), block_m) * block_m
     chunks = triton.cdiv(m, rows)
     f32 = torch.float32

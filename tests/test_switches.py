@@ -21,7 +21,7 @@ BASE = [
     "data.val_subset=32",
     "optim.batch_size=32",
     "optim.epochs=1",
-    "run.max_steps_per_epoch=3",
+    "run.max_steps_per_epoch=2",  # one update between the compared steps: enough to see a switch change training
     "model.teacher=wide_cnn",
     "recipe.name=mmrazor",
     'recipe.hints=[{student="stage2", teacher="stage2"}]',
@@ -60,7 +60,7 @@ def plain(tmp_path_factory):
 @pytest.mark.parametrize("overrides, tolerance", SWITCHES)
 def test_switch_trains_like_the_plain_path(overrides, tolerance, plain, tmp_path):
     got = _losses(tmp_path, "switched", overrides)
-    assert len(got) == len(plain) == 3
+    assert len(got) == len(plain) == 2
     for step, (a, b) in enumerate(zip(got, plain, strict=True)):
         for term in b:
             assert a[term] == pytest.approx(b[term], rel=tolerance, abs=1e-6), f"step {step + 1} {term}"
