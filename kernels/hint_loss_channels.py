@@ -247,9 +247,7 @@ def _hint_channel_grads_kernel(
     sum_d = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sum_dx = tl.zeros((BLOCK_C,), dtype=tl.float32)
     if SUMS:
-        for r in range(0, R):
-            sum_d += tl.load(part_ptr + r * CT + cols, mask=ok, other=0.0)
-            sum_dx += tl.load(part_ptr + (R + r) * CT + cols, mask=ok, other=0.0)
+        sum_d, sum_dx = column_sums(part_ptr, R, CT, cols, ok, False)
     finish_channels(
         pid,
         tl.num_programs(0),
@@ -275,6 +273,18 @@ def _hint_channel_grads_kernel(
         EMULATE,
         BLOCK_CS,
     )
+
+
+@triton.jit
+def column_sums(part_ptr, R, CT, cols, ok, VOLATILE: tl.constexpr):
+    """(Σ dP, Σ dP·(A − center)) of `cols` from partials laid out (2, R, Ct), added in row-block order. VOLATILE:
+    the partials were written by other programs of the same launch (read past L1)."""
+    sum_d = tl.zeros(cols.shape, dtype=tl.float32)
+    sum_dx = tl.zeros(cols.shape, dtype=tl.float32)
+    for r in range(0, R):
+        sum_d += tl.load(part_ptr + r * CT + cols, mask=ok, other=0.0, volatile=VOLATILE)
+        sum_dx += tl.load(part_ptr + (R + r) * CT + cols, mask=ok, other=0.0, volatile=VOLATILE)
+    return sum_d, sum_dx
 
 
 @triton.jit
@@ -353,6 +363,26 @@ def finish_channels(
     return c1, a_sum_d
 
 
+def channel_grad_outputs(
+    ct: int,
+    cs: int,
+    programs: int,
+    device: torch.device,
+    grad_dtype: torch.dtype,
+    param_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Empty buffers for what finish_channels writes: bn_coef (2, Ct) fp32 (c1, a·Σ dP), dβ, dγ and the bias gradient
+    (param_dtypes, each its own tensor: a custom op's outputs may not alias), Wa (Ct, Cs) in grad_dtype, and g0's
+    per-program scratch (programs, Cs) and result (Cs,) in fp32."""
+    f32 = torch.float32
+    bn_coef = torch.empty((2, ct), device=device, dtype=f32)
+    d_beta, d_gamma, d_bias = (torch.empty((ct,), device=device, dtype=d) for d in param_dtypes)
+    wa = torch.empty((ct, cs), device=device, dtype=grad_dtype)
+    g0_part = torch.empty((programs, cs), device=device, dtype=f32)
+    g0 = torch.empty((cs,), device=device, dtype=f32)
+    return bn_coef, d_beta, d_gamma, d_bias, wa, g0_part, g0
+
+
 def channel_grads(
     mode: int,
     part: Tensor | None,
@@ -370,11 +400,9 @@ def channel_grads(
     weight_lp = weight_lp.contiguous()
     device = chan.device
     programs = triton.cdiv(ct, CHANNEL_BLOCK)
-    coef = torch.empty((2, ct), device=device, dtype=torch.float32)
-    d_beta, d_gamma, d_bias = (torch.empty((ct,), device=device, dtype=d) for d in param_dtypes)
-    wa = torch.empty((ct, cs), device=device, dtype=grad_dtype)
-    g0_part = torch.empty((programs, cs), device=device, dtype=torch.float32)
-    g0 = torch.empty((cs,), device=device, dtype=torch.float32)
+    coef, d_beta, d_gamma, d_bias, wa, g0_part, g0 = channel_grad_outputs(
+        ct, cs, programs, device, grad_dtype, param_dtypes
+    )
     _hint_channel_grads_kernel[(programs,)](
         part if part is not None else coef,
         chan,

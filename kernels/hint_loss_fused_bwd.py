@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .hint_loss_channels import finish_channels
+from .hint_loss_channels import channel_grad_outputs, column_sums, finish_channels
 from .hint_loss_common import (
     INTERPRET,
     device_limits,
@@ -28,6 +28,7 @@ from .hint_loss_common import (
     tickets,
     widen,
 )
+from .hint_loss_grads import store_weight_grad
 from .rounding import cast, mma
 
 FUSED_MAX_CS = 256  # DᵀX accumulates BLOCK_N × Cs fp32 in registers: 64 per thread at 256 threads and BLOCK_N 64
@@ -152,11 +153,7 @@ def _hint_bwd_fused_kernel(
     if WANT_DW:
         tl.store(dw_part_ptr + chunk * CT * CS + tile, dw_acc, mask=tile_ok)
     if last_arrival(ticket_ptr + 1 + pid_n, CHUNKS):
-        sum_d = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        sum_dx = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for c in range(0, CHUNKS):
-            sum_d += tl.load(col_part_ptr + c * CT + cols, mask=cols_ok, other=0.0, volatile=True)
-            sum_dx += tl.load(col_part_ptr + (CHUNKS + c) * CT + cols, mask=cols_ok, other=0.0, volatile=True)
+        sum_d, sum_dx = column_sums(col_part_ptr, CHUNKS, CT, cols, cols_ok, True)
         c1, a_sum_d = finish_channels(
             pid_n,
             num_n,
@@ -192,15 +189,23 @@ def _hint_bwd_fused_kernel(
                 total = tl.zeros((BLOCK_N, FINISH_CS), dtype=tl.float32)
                 for c in range(0, CHUNKS):
                     total += tl.load(dw_part_ptr + c * CT * CS + part, mask=part_ok, other=0.0, volatile=True)
-                dw = scale[:, None] * total
-                if BN_MODE == 1:
-                    mean = tl.load(mean_ptr + kk, mask=kk_ok, other=0.0)
-                    wg = tl.load(wg_ptr + part, mask=part_ok, other=0.0)
-                    dw = dw + c1[:, None] * wg - a_sum_d[:, None] * mean[None, :]
-                tl.store(
-                    dw_ptr + cols[:, None] * dw_so + kk[None, :] * dw_si,
-                    cast(dw, dw_ptr.dtype.element_ty, EMULATE),
-                    mask=part_ok,
+                store_weight_grad(
+                    total,
+                    cols,
+                    cols_ok,
+                    kk,
+                    kk_ok,
+                    scale,
+                    c1,
+                    a_sum_d,
+                    wg_ptr,
+                    mean_ptr,
+                    dw_ptr,
+                    dw_so,
+                    dw_si,
+                    CS,
+                    BN_MODE,
+                    EMULATE,
                 )
 
 
@@ -247,11 +252,9 @@ def hint_backward_fused(
     d = torch.empty((m, ct) if want_d else (0,), device=device, dtype=grad_dtype)
     col_part = torch.empty((2, chunks, ct), device=device, dtype=f32)
     dw_part = torch.empty((chunks, ct, cs) if want_dw else (0,), device=device, dtype=f32)
-    bn_coef = torch.empty((2, ct), device=device, dtype=f32)
-    d_beta, d_gamma, d_bias = (torch.empty((ct,), device=device, dtype=t) for t in param_dtypes)
-    wa = torch.empty((ct, cs), device=device, dtype=grad_dtype)
-    g0_part = torch.empty((num_n, cs), device=device, dtype=f32)
-    g0 = torch.empty((cs,), device=device, dtype=f32)
+    bn_coef, d_beta, d_gamma, d_bias, wa, g0_part, g0 = channel_grad_outputs(
+        ct, cs, num_n, device, grad_dtype, param_dtypes
+    )
     d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     out = d_weight.view(ct, cs)
     batch = wg is not None

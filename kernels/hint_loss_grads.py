@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .hint_loss_channels import channel_coefficients, finish_channels
+from .hint_loss_channels import channel_coefficients, channel_grad_outputs, column_sums, finish_channels
 from .hint_loss_common import (
     INTERPRET,
     fixed_meta,
@@ -174,20 +174,28 @@ def _hint_dw_kernel(
         sum_d = tl.zeros((BLOCK_M,), dtype=tl.float32)
         sum_dx = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if SUMS:
-            for r in range(0, R):
-                sum_d += tl.load(col_part_ptr + r * CT + cs, mask=cs_ok, other=0.0)
-                sum_dx += tl.load(col_part_ptr + (R + r) * CT + cs, mask=cs_ok, other=0.0)
+            sum_d, sum_dx = column_sums(col_part_ptr, R, CT, cs, cs_ok, False)
         scale, c1, a_sum_d = channel_coefficients(cs, cs_ok, sum_d, sum_dx, chan_ptr, CT, inv_m)
         total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for s in range(0, SPLITS):
             total += tl.load(part_ptr + s * CT * CS + tile, mask=ok, other=0.0, volatile=True)
-        dw = scale[:, None] * total
-        if BN_MODE == 1:
-            mean = tl.load(mean_ptr + ks, mask=ks_ok, other=0.0)
-            wg = tl.load(wg_ptr + tile, mask=ok, other=0.0)
-            dw = dw + c1[:, None] * wg - a_sum_d[:, None] * mean[None, :]
-        tl.store(
-            dw_ptr + cs[:, None] * dw_so + ks[None, :] * dw_si, cast(dw, dw_ptr.dtype.element_ty, EMULATE), mask=ok
+        store_weight_grad(
+            total,
+            cs,
+            cs_ok,
+            ks,
+            ks_ok,
+            scale,
+            c1,
+            a_sum_d,
+            wg_ptr,
+            mean_ptr,
+            dw_ptr,
+            dw_so,
+            dw_si,
+            CS,
+            BN_MODE,
+            EMULATE,
         )
         if pid_k == 0:  # after dW's tile is stored: its registers are free for the channel math
             finish_channels(
@@ -215,6 +223,36 @@ def _hint_dw_kernel(
                 EMULATE,
                 FINISH_CS,
             )
+
+
+@triton.jit
+def store_weight_grad(
+    total,
+    rows,
+    rows_ok,
+    ks,
+    ks_ok,
+    scale,
+    c1,
+    a_sum_d,
+    wg_ptr,
+    mean_ptr,
+    dw_ptr,
+    dw_so,
+    dw_si,
+    CS,
+    BN_MODE: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """One tile of dW = diag(a)·DᵀX (+ diag(c1)·W·Gc − (a·Σ dP)·μᵀ with batch statistics) from its DᵀX `total`,
+    written in the weight's dtype; rows are regressor channels, ks student channels."""
+    ok = rows_ok[:, None] & ks_ok[None, :]
+    dw = scale[:, None] * total
+    if BN_MODE == 1:
+        mean = tl.load(mean_ptr + ks, mask=ks_ok, other=0.0)
+        wg = tl.load(wg_ptr + rows[:, None] * CS + ks[None, :], mask=ok, other=0.0)
+        dw = dw + c1[:, None] * wg - a_sum_d[:, None] * mean[None, :]
+    tl.store(dw_ptr + rows[:, None] * dw_so + ks[None, :] * dw_si, cast(dw, dw_ptr.dtype.element_ty, EMULATE), mask=ok)
 
 
 _hint_dx = tuned(_hint_dx_kernel)
@@ -283,13 +321,10 @@ def hint_grad_weight_and_channels(
     tiles = ct_blocks * triton.cdiv(cs, block_n)
     rows = split_rows(m, tiles, block_m, ct * cs, student.device)
     splits = triton.cdiv(m, rows)
-    f32 = torch.float32
-    part = torch.empty((splits, ct, cs), device=device, dtype=f32)
-    bn_coef = torch.empty((2, ct), device=device, dtype=f32)
-    d_beta, d_gamma, d_bias = (torch.empty((ct,), device=device, dtype=t) for t in param_dtypes)
-    wa = torch.empty((ct, cs), device=device, dtype=d.dtype)
-    g0_part = torch.empty((ct_blocks, cs), device=device, dtype=f32)
-    g0 = torch.empty((cs,), device=device, dtype=f32)
+    part = torch.empty((splits, ct, cs), device=device, dtype=torch.float32)
+    bn_coef, d_beta, d_gamma, d_bias, wa, g0_part, g0 = channel_grad_outputs(
+        ct, cs, ct_blocks, device, d.dtype, param_dtypes
+    )
     grad = torch.empty_like(weight, memory_format=torch.contiguous_format)
     out = grad.view(ct, cs)
     batch_stats = wg is not None
