@@ -237,11 +237,11 @@ def _reference_rrc(path, u, size: int, scale, ratio, hflip: bool) -> tuple[torch
 
     import torchvision.transforms.v2.functional as F
 
-    from fastfit.data.dali_pipelines import ANCHORS, FLIP, RRC_TRIES, TRIES_FROM
+    from fastfit.data.dali_pipelines import CROP_ANCHORS, FLIP, RRC_TRIES, TRIES_FROM
 
     image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
     height, width = image.shape[1:]
-    anchor_y, anchor_x = (float(v) for v in u[ANCHORS])
+    anchor_y, anchor_x = (float(v) for v in u[CROP_ANCHORS])
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for k in range(RRC_TRIES):
         u_area, u_ratio = float(u[TRIES_FROM + 2 * k]), float(u[TRIES_FROM + 2 * k + 1])

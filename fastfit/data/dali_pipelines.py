@@ -138,7 +138,7 @@ def _pipeline(spec: PipelineSpec, batch_size: int, seed: int) -> Pipeline:
 # Per-sample random numbers the host feeds to the train graph (see sample_random.py), one row per sample:
 # [anchor y, anchor x, flip, then (area, log aspect ratio) for each of torchvision's RRC_TRIES window draws].
 RRC_TRIES = 10  # torchvision's RandomResizedCrop draws up to 10 windows, then falls back to a centre crop
-ANCHORS, FLIP, TRIES_FROM = slice(0, 2), 2, 3
+CROP_ANCHORS, FLIP, TRIES_FROM = slice(0, 2), 2, 3
 RANDOMS = TRIES_FROM + 2 * RRC_TRIES
 
 
@@ -155,7 +155,7 @@ def _host_params(u: np.ndarray, scale: tuple[float, float], ratio: tuple[float, 
     aspect = np.exp(log_lo + tries[..., 1] * (log_hi - log_lo))
     factors = np.stack([np.sqrt(area / aspect), np.sqrt(area * aspect)], axis=-1).astype(np.float32)
     mirror = ((u[:, FLIP] < 0.5) & hflip).astype(np.int32)
-    return factors, u[:, ANCHORS].astype(np.float32), mirror
+    return factors, u[:, CROP_ANCHORS].astype(np.float32), mirror
 
 
 def _height_width_vector(jpegs):
